@@ -1,0 +1,467 @@
+//! The client protocol, `pushfleet.v1`: JSON text frames over one WebSocket.
+//!
+//! Requests (client → worker) carry an `op`; replies and pushes (worker → client) carry a
+//! `type`. Every request may carry a numeric `id` that its reply echoes. The full
+//! specification with examples is `protocol/PROTOCOL.md`.
+
+use crate::position::{JsonPosition, Position};
+use crate::publish::{validate_topic, TopicError};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt::Write as _;
+
+/// The WebSocket subprotocol naming this protocol and its version.
+pub const SUBPROTOCOL: &str = "pushfleet.v1";
+
+/// WebSocket close codes the worker sends, each with one meaning.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The worker is shutting down; reconnect (to another worker) after a jittered backoff.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame broke RFC 6455 (bad opcode, unmasked, reserved bits, bad control frame...).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// Binary data on the `pushfleet.v1` endpoint (the protocol is JSON text only).
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text message was not valid UTF-8.
+    pub const INVALID_UTF8: u16 = 1007;
+    /// Too many malformed requests in a row.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// A frame, message or decompressed message exceeded its size limit.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The worker failed internally.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// The worker is draining (scale-in, rollout); reconnect soon, you will land elsewhere.
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The client did not read fast enough: its outbound queue passed the configured bound.
+    pub const SLOW_CONSUMER: u16 = 4001;
+    /// No frame from the client within the idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4002;
+    /// No pong to the worker's ping within the keepalive timeout.
+    pub const KEEPALIVE_TIMEOUT: u16 = 4003;
+}
+
+/// Stable machine-readable error codes in `{"type":"error","code":...}` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The text frame is not a JSON object.
+    BadJson,
+    /// `op` is missing or not one of the known operations.
+    UnknownOp,
+    /// A field is missing, of the wrong type, or contradicts another.
+    BadRequest,
+    /// The topic or prefix is empty, not UTF-8 or contains control characters.
+    InvalidTopic,
+    /// The topic or prefix is longer than the worker's `max_topic_bytes`.
+    TopicTooLong,
+    /// The connection already holds `max_subscriptions` subscriptions.
+    TooManySubscriptions,
+    /// Unsubscribe for something this connection is not subscribed to.
+    NotSubscribed,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::TopicTooLong => "topic_too_long",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::NotSubscribed => "not_subscribed",
+        }
+    }
+}
+
+/// What a subscription matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Filter {
+    /// Exactly this topic.
+    Topic(String),
+    /// Every topic starting with this prefix.
+    Prefix(String),
+}
+
+impl Filter {
+    /// The topic or prefix text.
+    pub fn text(&self) -> &str {
+        match self {
+            Filter::Topic(t) | Filter::Prefix(t) => t,
+        }
+    }
+
+    /// Whether `topic` is matched by this filter.
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            Filter::Topic(t) => t == topic,
+            Filter::Prefix(p) => topic.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// A validated client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Start receiving messages that match `filter`.
+    Subscribe {
+        /// Echoed in the reply.
+        id: Option<u64>,
+        /// What to receive.
+        filter: Filter,
+    },
+    /// Stop receiving messages that match `filter`.
+    Unsubscribe {
+        /// Echoed in the reply.
+        id: Option<u64>,
+        /// The filter given to subscribe.
+        filter: Filter,
+    },
+    /// Application-level ping; answered with `{"type":"pong"}`.
+    Ping {
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
+}
+
+/// A rejected request: the code, a human-readable reason, and the id if one could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// Request id, when the request was JSON with a numeric id.
+    pub id: Option<u64>,
+    /// Stable error code.
+    pub code: ErrorCode,
+    /// Explanation naming the limit or field at fault.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct RawRequest {
+    op: Option<String>,
+    id: Option<serde_json::Value>,
+    topic: Option<String>,
+    prefix: Option<String>,
+}
+
+/// Parses and validates one text message from a client. `topic_limit` is `max_topic_bytes`.
+pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestError> {
+    let raw: RawRequest = serde_json::from_str(text).map_err(|e| RequestError {
+        id: None,
+        code: ErrorCode::BadJson,
+        message: format!("request is not a JSON object: {e}"),
+    })?;
+    let fail = |id, code, message: String| RequestError { id, code, message };
+    let id = match raw.id {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(_) => {
+            return Err(fail(
+                None,
+                ErrorCode::BadRequest,
+                "\"id\" must be a non-negative integer".into(),
+            ))
+        }
+    };
+    let Some(op) = raw.op else {
+        return Err(fail(id, ErrorCode::UnknownOp, "missing \"op\"".into()));
+    };
+    let filter = || -> Result<Filter, RequestError> {
+        let filter = match (raw.topic.clone(), raw.prefix.clone()) {
+            (Some(t), None) => Filter::Topic(t),
+            (None, Some(p)) => Filter::Prefix(p),
+            _ => {
+                return Err(fail(
+                    id,
+                    ErrorCode::BadRequest,
+                    format!("\"{op}\" needs exactly one of \"topic\" or \"prefix\""),
+                ))
+            }
+        };
+        validate_topic(filter.text().as_bytes(), topic_limit).map_err(|e| {
+            let code = match e {
+                TopicError::TooLong { .. } => ErrorCode::TopicTooLong,
+                _ => ErrorCode::InvalidTopic,
+            };
+            fail(id, code, e.to_string())
+        })?;
+        Ok(filter)
+    };
+    match op.as_str() {
+        "subscribe" => Ok(Request::Subscribe {
+            id,
+            filter: filter()?,
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            id,
+            filter: filter()?,
+        }),
+        "ping" => Ok(Request::Ping { id }),
+        other => Err(fail(
+            id,
+            ErrorCode::UnknownOp,
+            format!("unknown op {other:?}; expected subscribe, unsubscribe or ping"),
+        )),
+    }
+}
+
+/// A reply or push from the worker, as clients decode it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// First message on every connection.
+    Welcome {
+        /// Always [`SUBPROTOCOL`].
+        protocol: String,
+        /// The worker serving this connection.
+        worker: String,
+        /// This connection's id on that worker.
+        connection: u64,
+    },
+    /// A request succeeded.
+    Ack {
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<u64>,
+        /// The request's op.
+        op: String,
+        /// The subscribed topic, for topic filters.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        topic: Option<String>,
+        /// The subscribed prefix, for prefix filters.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        prefix: Option<String>,
+    },
+    /// A request failed; the connection stays open.
+    Error {
+        /// The request's id, when it could be read.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<u64>,
+        /// Stable code, see [`ErrorCode`].
+        code: String,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// Answer to `{"op":"ping"}`.
+    Pong {
+        /// The request's id.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<u64>,
+    },
+    /// A published message.
+    Message {
+        /// Its topic.
+        topic: String,
+        /// Its position, absent for live-only messages.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        position: Option<JsonPosition>,
+        /// Publisher time, microseconds since the Unix epoch, when stamped.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        ts: Option<u64>,
+        /// The payload: embedded JSON, or a JSON string for non-JSON UTF-8 text.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        payload: Option<serde_json::Value>,
+        /// The payload in standard base64, for payloads that are not UTF-8.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        payload_base64: Option<String>,
+    },
+}
+
+impl ServerMessage {
+    /// The ack for a subscribe/unsubscribe of `filter`.
+    pub fn ack(id: Option<u64>, op: &str, filter: Option<&Filter>) -> Self {
+        let (topic, prefix) = match filter {
+            Some(Filter::Topic(t)) => (Some(t.clone()), None),
+            Some(Filter::Prefix(p)) => (None, Some(p.clone())),
+            None => (None, None),
+        };
+        ServerMessage::Ack {
+            id,
+            op: op.into(),
+            topic,
+            prefix,
+        }
+    }
+
+    /// The error reply for a rejected request.
+    pub fn error(e: &RequestError) -> Self {
+        ServerMessage::Error {
+            id: e.id,
+            code: e.code.as_str().into(),
+            message: e.message.clone(),
+        }
+    }
+
+    /// Serialises to the JSON text sent on the wire.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages always serialise")
+    }
+}
+
+/// Builds the JSON text of a `message` push for a published message. Called once per message,
+/// never per subscriber. A JSON payload is embedded as is; other UTF-8 becomes a JSON string;
+/// anything else goes base64-encoded in `payload_base64`.
+pub fn encode_message(
+    topic: &str,
+    position: Option<Position>,
+    published_at_us: Option<u64>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = String::with_capacity(payload.len() + topic.len() + 96);
+    out.push_str("{\"type\":\"message\",\"topic\":");
+    out.push_str(&serde_json::to_string(topic).expect("str serialises"));
+    if let Some(p) = position {
+        let _ = write!(
+            out,
+            ",\"position\":{{\"epoch\":\"{}\",\"offset\":{}}}",
+            p.epoch_hex(),
+            p.offset
+        );
+    }
+    if let Some(ts) = published_at_us {
+        let _ = write!(out, ",\"ts\":{ts}");
+    }
+    match std::str::from_utf8(payload) {
+        Ok(text) if serde_json::from_str::<&RawValue>(text).is_ok() => {
+            out.push_str(",\"payload\":");
+            out.push_str(text.trim());
+        }
+        Ok(text) => {
+            out.push_str(",\"payload\":");
+            out.push_str(&serde_json::to_string(text).expect("str serialises"));
+        }
+        Err(_) => {
+            use base64::Engine as _;
+            out.push_str(",\"payload_base64\":\"");
+            base64::engine::general_purpose::STANDARD.encode_string(payload, &mut out);
+            out.push('"');
+        }
+    }
+    out.push('}');
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_request(text, 16).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_each_op() {
+        assert_eq!(
+            parse_request(r#"{"op":"subscribe","id":1,"topic":"a.b"}"#, 16).unwrap(),
+            Request::Subscribe {
+                id: Some(1),
+                filter: Filter::Topic("a.b".into())
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"unsubscribe","prefix":"a."}"#, 16).unwrap(),
+            Request::Unsubscribe {
+                id: None,
+                filter: Filter::Prefix("a.".into())
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"ping","id":9}"#, 16).unwrap(),
+            Request::Ping { id: Some(9) }
+        );
+    }
+
+    #[test]
+    fn each_bad_request_has_its_code() {
+        assert_eq!(code("not json"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"id":1}"#), ErrorCode::UnknownOp);
+        assert_eq!(
+            code(r#"{"op":"publish","topic":"a"}"#),
+            ErrorCode::UnknownOp
+        );
+        assert_eq!(code(r#"{"op":"subscribe"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a","prefix":"b"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":""}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a\u0000"}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"0123456789abcdefX"}"#),
+            ErrorCode::TopicTooLong
+        );
+        assert_eq!(code(r#"{"op":"ping","id":-1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"ping","id":"x"}"#), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn errors_echo_the_id_when_readable() {
+        let e = parse_request(r#"{"op":"nope","id":5}"#, 16).unwrap_err();
+        assert_eq!(e.id, Some(5));
+        assert!(e.message.contains("nope"));
+    }
+
+    #[test]
+    fn filters_match_exactly_or_by_prefix() {
+        assert!(Filter::Topic("a.b".into()).matches("a.b"));
+        assert!(!Filter::Topic("a.b".into()).matches("a.bc"));
+        assert!(Filter::Prefix("a.".into()).matches("a.bc"));
+        assert!(!Filter::Prefix("a.".into()).matches("b.a."));
+    }
+
+    fn decode(bytes: &[u8]) -> ServerMessage {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    #[test]
+    fn message_embeds_json_payloads_and_round_trips() {
+        let p = Position {
+            epoch: 0xabc,
+            offset: 41,
+        };
+        let bytes = encode_message("m\"1", Some(p), Some(1234), br#" {"goal":1} "#);
+        match decode(&bytes) {
+            ServerMessage::Message {
+                topic,
+                position,
+                ts,
+                payload,
+                payload_base64,
+            } => {
+                assert_eq!(topic, "m\"1");
+                assert_eq!(position, Some(JsonPosition::from(p)));
+                assert_eq!(ts, Some(1234));
+                assert_eq!(payload.unwrap(), serde_json::json!({"goal": 1}));
+                assert_eq!(payload_base64, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn message_quotes_text_and_base64s_binary() {
+        match decode(&encode_message("t", None, None, b"plain \"text\"")) {
+            ServerMessage::Message {
+                payload, position, ..
+            } => {
+                assert_eq!(payload.unwrap(), serde_json::json!("plain \"text\""));
+                assert_eq!(position, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode(&encode_message("t", None, None, &[0xff, 0x00])) {
+            ServerMessage::Message { payload_base64, .. } => {
+                assert_eq!(payload_base64.as_deref(), Some("/wA="))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

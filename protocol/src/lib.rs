@@ -1,0 +1,23 @@
+//! Everything that crosses a process boundary in pushfleet, in one versioned place.
+//!
+//! ```text
+//!  backend ──[publish: ZeroMQ multipart]──▶ worker ──[client: JSON over WebSocket]──▶ browser
+//!                                             │
+//!                                (config: TOML file < env < CLI, for every binary)
+//! ```
+//!
+//! - [`publish`]: the publisher wire format, `[topic, payload]` or `[topic, meta, payload]`.
+//! - [`position`]: `Position { epoch, offset }`, stamped by the publisher.
+//! - [`client`]: the client protocol (`pushfleet.v1` subprotocol): requests, replies, error
+//!   codes and WebSocket close codes.
+//! - [`layered`]: loads a clap configuration from a TOML file, environment and flags.
+//!
+//! The human-readable specification is `protocol/PROTOCOL.md`; the tests here keep the two in
+//! step.
+
+pub mod client;
+pub mod layered;
+pub mod position;
+pub mod publish;
+
+pub use position::Position;

@@ -1,0 +1,1 @@
+//! Shared test harness for pushfleet's integration tests and load tools.

@@ -1,0 +1,92 @@
+//! The admin HTTP port: `GET /metrics` (Prometheus), `GET /healthz` (alive), `GET /readyz`
+//! (accepting clients), `POST /drain` (close clients in staggered batches, stop accepting).
+
+use crate::server::Shared;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Serves the admin port until `stop`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(shared.metrics.render())))
+            .expect("valid response"),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            if shared.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else {
+                text(StatusCode::OK, "ready\n".into())
+            }
+        }
+        (&Method::POST, "/drain") => {
+            let already = shared.draining.load(Ordering::Relaxed);
+            shared.drain_requested.cancel();
+            let body = serde_json::json!({
+                "draining": true,
+                "already_draining": already,
+                "connections": shared.connections.lock().len(),
+            });
+            Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("valid response")
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET for /metrics, /healthz, /readyz and POST for /drain\n".into(),
+        ),
+        (_, path) => text(
+            StatusCode::NOT_FOUND,
+            format!("no admin endpoint at {path}; try /metrics, /healthz, /readyz, POST /drain\n"),
+        ),
+    }
+}

@@ -1,0 +1,174 @@
+//! The worker's configuration: every knob and limit, with its default and `--help` text.
+//! Loaded from a TOML file (`--config`), `WORKER_*` environment variables and flags.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Holds client WebSockets, subscribes to publishers over ZeroMQ and fans each message out
+/// to its subscribers, compressed once.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "worker", version)]
+pub struct Config {
+    /// TOML file with any of these settings (keys are the long flag names); environment
+    /// variables and flags override it.
+    #[arg(long, env = "WORKER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// This worker's name in logs, metrics, welcome messages and load reports.
+    /// Defaults to `worker-<pid>`.
+    #[arg(long, env = "WORKER_ID")]
+    pub id: Option<String>,
+
+    /// Address for client WebSocket connections.
+    #[arg(long, env = "WORKER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for the admin HTTP port: /metrics, /healthz, /readyz, POST /drain.
+    #[arg(long, env = "WORKER_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// ZeroMQ PUB endpoint to subscribe to (repeat, or comma-separate in the environment),
+    /// e.g. tcp://10.0.0.5:5556.
+    #[arg(long = "publisher", env = "WORKER_PUBLISHERS", value_delimiter = ',')]
+    pub publishers: Vec<String>,
+
+    /// Path of the pushfleet.v1 WebSocket endpoint.
+    #[arg(long, env = "WORKER_WS_PATH", default_value = "/ws")]
+    pub ws_path: String,
+
+    /// Path of an echo WebSocket endpoint for conformance testing (Autobahn); off unless set.
+    #[arg(long, env = "WORKER_ECHO_PATH")]
+    pub echo_path: Option<String>,
+
+    /// Write {"ws": addr, "admin": addr} to this file once both ports are bound (for
+    /// supervisors and tests that bind port 0).
+    #[arg(long, env = "WORKER_ANNOUNCE_FILE")]
+    pub announce_file: Option<PathBuf>,
+
+    /// Most client connections held at once; further connections get HTTP 503 before upgrade.
+    #[arg(long, env = "WORKER_MAX_CONNECTIONS", default_value_t = 19_000)]
+    pub max_connections: usize,
+
+    /// Most bytes of one WebSocket frame's payload from a client; more closes with 1009.
+    #[arg(long, env = "WORKER_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Most bytes of one client message (all fragments, as received); more closes with 1009.
+    #[arg(long, env = "WORKER_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most bytes a compressed client message may inflate to; more closes with 1009
+    /// before that much memory is used.
+    #[arg(long, env = "WORKER_MAX_DECOMPRESSED_BYTES", default_value_t = 256 * 1024)]
+    pub max_decompressed_bytes: usize,
+
+    /// Most bytes of the HTTP upgrade request; more gets HTTP 431.
+    #[arg(long, env = "WORKER_MAX_HANDSHAKE_BYTES", default_value_t = 8 * 1024)]
+    pub max_handshake_bytes: usize,
+
+    /// Most subscriptions (topics plus prefixes) one connection may hold; more is answered
+    /// with error `too_many_subscriptions`.
+    #[arg(long, env = "WORKER_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+
+    /// Most bytes of a topic or prefix; longer is answered with error `topic_too_long`
+    /// (clients) or dropped and counted (publishers).
+    #[arg(long, env = "WORKER_MAX_TOPIC_BYTES", default_value_t = 256)]
+    pub max_topic_bytes: usize,
+
+    /// Bound of one connection's outbound queue, in bytes of encoded frames. A client whose
+    /// queue passes it is closed with 4001 (slow consumer) and counted.
+    #[arg(long, env = "WORKER_OUTBOUND_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub outbound_queue_bytes: usize,
+
+    /// Messages this size or larger (JSON bytes) are sent compressed to clients that
+    /// negotiated permessage-deflate; smaller ones go uncompressed.
+    #[arg(long, env = "WORKER_COMPRESSION_MIN_BYTES", default_value_t = 256)]
+    pub compression_min_bytes: usize,
+
+    /// zlib level 0-9 for outbound compression (done once per message).
+    #[arg(long, env = "WORKER_COMPRESSION_LEVEL", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub compression_level: u32,
+
+    /// Disable permessage-deflate (clients that offer it are answered without it).
+    #[arg(long, env = "WORKER_NO_COMPRESSION")]
+    pub no_compression: bool,
+
+    /// Time a client has to complete the HTTP upgrade; slower ones get HTTP 408.
+    #[arg(long, env = "WORKER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Interval between keepalive pings to each client.
+    #[arg(long, env = "WORKER_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A client that has not answered a ping within this time is closed with 4003.
+    #[arg(long, env = "WORKER_PONG_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub pong_timeout: Duration,
+
+    /// A client that sends no frame at all (pongs count) for this long is closed with 4002.
+    #[arg(long, env = "WORKER_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time to wait for a closing client's close frame to be written before dropping it.
+    #[arg(long, env = "WORKER_CLOSE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub close_timeout: Duration,
+
+    /// Clients closed per second while draining (SIGTERM or POST /drain), so that they
+    /// reconnect elsewhere without a herd.
+    #[arg(long, env = "WORKER_DRAIN_RATE", default_value_t = 500)]
+    pub drain_rate: u32,
+
+    /// Clients closed per batch while draining; batches are spaced to keep `drain_rate`.
+    #[arg(long, env = "WORKER_DRAIN_BATCH", default_value_t = 50)]
+    pub drain_batch: u32,
+
+    /// Most time a drain may take; clients still connected then are closed at once.
+    #[arg(long, env = "WORKER_DRAIN_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// A publisher endpoint with no message for this long is reported silent (log, metric).
+    #[arg(long, env = "WORKER_PUBLISHER_SILENCE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub publisher_silence: Duration,
+
+    /// Bound of the queue between the ZeroMQ receivers and fan-out, in messages. At the bound
+    /// the receivers wait (ZeroMQ then queues, and drops at its own limit).
+    #[arg(long, env = "WORKER_UPSTREAM_QUEUE", default_value_t = 4096)]
+    pub upstream_queue: usize,
+
+    /// Largest payload accepted from a publisher; larger messages are dropped and counted.
+    #[arg(long, env = "WORKER_MAX_PUBLISH_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_publish_bytes: usize,
+
+    /// Longest wait between reconnection attempts to a publisher (full-jitter exponential
+    /// backoff from 100 ms).
+    #[arg(long, env = "WORKER_PUBLISHER_RECONNECT_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub publisher_reconnect_max: Duration,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WORKER_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Config {
+    /// The worker's name: `--id`, or `worker-<pid>`.
+    pub fn worker_id(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+    }
+
+    /// A configuration for tests: loopback, port 0, no publishers, defaults otherwise.
+    pub fn for_tests() -> Self {
+        Config::parse_from([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+    }
+}

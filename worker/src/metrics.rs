@@ -1,0 +1,224 @@
+//! The worker's Prometheus metrics, one registry per worker (tests run several in a process).
+//! Stage counters line up so operators can compare counts between stages: received from
+//! publishers → fanned out (deliveries) → frames written to sockets, with drops counted.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the worker exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Messages received from each publisher endpoint.
+    pub upstream_messages: IntCounterVec,
+    /// Payload bytes received from each publisher endpoint.
+    pub upstream_bytes: IntCounterVec,
+    /// Messages from publishers that were not valid, by endpoint and reason.
+    pub upstream_malformed: IntCounterVec,
+    /// 1 while connected to the endpoint.
+    pub upstream_connected: IntGaugeVec,
+    /// 1 while the endpoint has been silent for longer than `publisher_silence`.
+    pub upstream_silent: IntGaugeVec,
+    /// Reconnections (new sockets) per endpoint.
+    pub upstream_reconnects: IntCounterVec,
+    /// Topics and prefixes subscribed on the ZeroMQ side.
+    pub upstream_subscriptions: IntGauge,
+    /// Messages that reached fan-out with at least one matching subscriber.
+    pub fanout_messages: IntCounter,
+    /// Frames queued for subscribers (one per subscriber per message).
+    pub fanout_deliveries: IntCounter,
+    /// Frames written to client sockets (all kinds).
+    pub frames_written: IntCounter,
+    /// Bytes written to client sockets.
+    pub bytes_written: IntCounter,
+    /// Socket write calls (one per batch of frames).
+    pub write_calls: IntCounter,
+    /// Message bytes fed to the deflater.
+    pub compression_input_bytes: IntCounter,
+    /// Compressed bytes it produced.
+    pub compression_output_bytes: IntCounter,
+    /// Deflate operations (one per message and window size, never per subscriber).
+    pub deflate_operations: IntCounter,
+    /// Clients closed for passing the outbound queue bound.
+    pub slow_client_closes: IntCounter,
+    /// Deliveries dropped, by reason.
+    pub dropped: IntCounterVec,
+    /// Open client connections.
+    pub connections: IntGauge,
+    /// Connections accepted (upgraded).
+    pub connections_accepted: IntCounter,
+    /// Connections closed, by close code sent or received ("none" if the TCP just ended).
+    pub connections_closed: IntCounterVec,
+    /// Upgrade requests refused, by reason.
+    pub handshake_failures: IntCounterVec,
+    /// Connections that negotiated permessage-deflate.
+    pub deflate_negotiated: IntCounter,
+    /// Subscriptions held by clients.
+    pub subscriptions: IntGauge,
+    /// Client requests answered with an error, by code.
+    pub client_errors: IntCounterVec,
+    /// Time from the publisher's timestamp to the frame's write to the socket.
+    pub publish_to_socket: Histogram,
+    /// 1 while draining.
+    pub draining: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric, labelled with the worker id.
+    pub fn new(worker_id: &str) -> Self {
+        let registry = Registry::new_custom(
+            None,
+            Some([("worker".to_string(), worker_id.to_string())].into()),
+        )
+        .expect("valid registry");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid counter");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let publish_to_socket = Histogram::with_opts(
+            HistogramOpts::new(
+                "worker_publish_to_socket_seconds",
+                "Time from the publisher's timestamp to the frame's write to the client socket",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+                30.0,
+            ]),
+        )
+        .expect("valid histogram");
+        registry
+            .register(Box::new(publish_to_socket.clone()))
+            .expect("unique");
+        Metrics {
+            upstream_messages: counter_vec(
+                "worker_upstream_messages_total",
+                "Messages received from each publisher endpoint",
+                &["endpoint"],
+            ),
+            upstream_bytes: counter_vec(
+                "worker_upstream_bytes_total",
+                "Payload bytes received from each publisher endpoint",
+                &["endpoint"],
+            ),
+            upstream_malformed: counter_vec(
+                "worker_upstream_malformed_total",
+                "Publisher messages dropped as invalid, by reason",
+                &["endpoint", "reason"],
+            ),
+            upstream_connected: gauge_vec(
+                "worker_upstream_connected",
+                "1 while connected to the publisher endpoint",
+                &["endpoint"],
+            ),
+            upstream_silent: gauge_vec(
+                "worker_upstream_silent",
+                "1 while the publisher endpoint has sent nothing for longer than publisher_silence",
+                &["endpoint"],
+            ),
+            upstream_reconnects: counter_vec(
+                "worker_upstream_reconnects_total",
+                "New ZeroMQ connections made to each endpoint after the first",
+                &["endpoint"],
+            ),
+            upstream_subscriptions: gauge(
+                "worker_upstream_subscriptions",
+                "Topics and prefixes subscribed on the ZeroMQ side",
+            ),
+            fanout_messages: counter(
+                "worker_fanout_messages_total",
+                "Published messages that matched at least one local subscriber",
+            ),
+            fanout_deliveries: counter(
+                "worker_fanout_deliveries_total",
+                "Frames queued for subscribers (one per subscriber per message)",
+            ),
+            frames_written: counter(
+                "worker_frames_written_total",
+                "Frames written to client sockets",
+            ),
+            bytes_written: counter(
+                "worker_bytes_written_total",
+                "Bytes written to client sockets",
+            ),
+            write_calls: counter(
+                "worker_socket_writes_total",
+                "Write system calls to client sockets (each carries a batch of frames)",
+            ),
+            compression_input_bytes: counter(
+                "worker_compression_input_bytes_total",
+                "Message bytes given to the deflater",
+            ),
+            compression_output_bytes: counter(
+                "worker_compression_output_bytes_total",
+                "Compressed bytes the deflater produced",
+            ),
+            deflate_operations: counter(
+                "worker_deflate_operations_total",
+                "Deflate operations: one per message and window size, never per subscriber",
+            ),
+            slow_client_closes: counter(
+                "worker_slow_client_closes_total",
+                "Clients closed (4001) because their outbound queue passed its bound",
+            ),
+            dropped: counter_vec(
+                "worker_dropped_deliveries_total",
+                "Deliveries not queued, by reason",
+                &["reason"],
+            ),
+            connections: gauge("worker_connections", "Open client WebSocket connections"),
+            connections_accepted: counter(
+                "worker_connections_accepted_total",
+                "Client connections upgraded to WebSocket",
+            ),
+            connections_closed: counter_vec(
+                "worker_connections_closed_total",
+                "Client connections closed, by close code",
+                &["code"],
+            ),
+            handshake_failures: counter_vec(
+                "worker_handshake_failures_total",
+                "Upgrade requests refused, by reason",
+                &["reason"],
+            ),
+            deflate_negotiated: counter(
+                "worker_deflate_negotiated_total",
+                "Connections that negotiated permessage-deflate",
+            ),
+            subscriptions: gauge("worker_subscriptions", "Subscriptions held by clients"),
+            client_errors: counter_vec(
+                "worker_client_errors_total",
+                "Client requests answered with an error, by code",
+                &["code"],
+            ),
+            publish_to_socket,
+            draining: gauge("worker_draining", "1 while the worker drains its clients"),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}

@@ -1,0 +1,245 @@
+//! Starting and stopping a worker: bind the ports, start fan-out and the publisher endpoints,
+//! accept clients, and run the lifecycle (serve → drain → stop).
+
+use crate::broadcast::Compression;
+use crate::config::Config;
+use crate::hub::{self, Hub, Subscriber};
+use crate::metrics::Metrics;
+use crate::upstream::{self, EndpointSettings, ZmqSub};
+use crate::{admin, conn, drain};
+use parking_lot::Mutex;
+use protocol::client::close;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why a worker could not start.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// A port could not be bound.
+    #[error("cannot bind {what} address {addr}: {source}")]
+    Bind {
+        /// "client" or "admin".
+        what: &'static str,
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The announce file could not be written.
+    #[error("cannot write announce file {path}: {source}")]
+    Announce {
+        /// The configured path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// State every connection and the admin port share.
+pub struct Shared {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// This worker's name.
+    pub worker_id: String,
+    /// Subscriptions and fan-out.
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Live connections by id (for draining).
+    pub connections: Mutex<HashMap<u64, Arc<Subscriber>>>,
+    /// Last connection id handed out.
+    pub next_connection_id: AtomicU64,
+    /// Set once draining starts: new upgrades get 503, /readyz fails.
+    pub draining: AtomicBool,
+    /// Cancelled by `POST /drain`.
+    pub drain_requested: CancellationToken,
+}
+
+/// A running worker.
+pub struct Worker {
+    /// Where clients connect.
+    pub ws_addr: SocketAddr,
+    /// The admin port.
+    pub admin_addr: SocketAddr,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    /// Its shared state (tests inspect connections through it).
+    pub shared: Arc<Shared>,
+    lifecycle: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Waits until the worker has stopped (after `shutdown` and the drain).
+    pub async fn wait(self) {
+        let _ = self.lifecycle.await;
+    }
+}
+
+/// Runs a worker until `shutdown` is cancelled and its clients are drained.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// Starts a worker and returns once its ports are bound.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker, WorkerError> {
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| WorkerError::Bind { what, addr, source })
+    };
+    let listener = bind("client", config.listen).await?;
+    let admin_listener = bind("admin", config.admin_listen).await?;
+    let ws_addr = listener.local_addr().expect("bound");
+    let admin_addr = admin_listener.local_addr().expect("bound");
+    if let Some(path) = &config.announce_file {
+        let text = serde_json::json!({"ws": ws_addr.to_string(), "admin": admin_addr.to_string()});
+        write_atomically(path, &text.to_string()).map_err(|source| WorkerError::Announce {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    let worker_id = config.worker_id();
+    let metrics = Arc::new(Metrics::new(&worker_id));
+    let compression = Compression {
+        min_bytes: config.compression_min_bytes,
+        level: config.compression_level,
+    };
+    let hub = Arc::new(Hub::new(metrics.clone(), compression));
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        worker_id: worker_id.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        connections: Mutex::new(HashMap::new()),
+        next_connection_id: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
+        drain_requested: CancellationToken::new(),
+    });
+    tracing::info!(
+        worker = %worker_id, ws = %ws_addr, admin = %admin_addr,
+        publishers = ?config.publishers, echo = ?config.echo_path,
+        "worker listening"
+    );
+
+    // Fan-out and the publisher side. They stop when `stop` is cancelled at the very end.
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::channel(config.upstream_queue.max(1));
+    let dispatcher = tokio::spawn(hub::run_dispatcher(hub.clone(), rx));
+    let settings = EndpointSettings {
+        max_topic_bytes: config.max_topic_bytes,
+        max_publish_bytes: config.max_publish_bytes,
+        silence: config.publisher_silence,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: config.publisher_reconnect_max,
+    };
+    let connect_timeout = config.publisher_reconnect_max.max(Duration::from_secs(1));
+    for endpoint in &config.publishers {
+        tokio::spawn(upstream::run_endpoint(
+            endpoint.clone(),
+            move || ZmqSub::new(connect_timeout),
+            hub.wanted(),
+            tx.clone(),
+            metrics.clone(),
+            settings.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(tx);
+
+    let stop_accepting = CancellationToken::new();
+    let connections = TaskTracker::new();
+    tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        connections.clone(),
+        stop_accepting.clone(),
+    ));
+    tokio::spawn(admin::serve(admin_listener, shared.clone(), stop.clone()));
+
+    let lifecycle = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let code = tokio::select! {
+                _ = shutdown.cancelled() => close::GOING_AWAY,
+                _ = shared.drain_requested.cancelled() => close::SERVICE_RESTART,
+            };
+            shared.draining.store(true, Ordering::Relaxed);
+            shared.metrics.draining.set(1);
+            stop_accepting.cancel();
+            let cfg = &shared.config;
+            let plan = drain::Plan::new(cfg.drain_rate, cfg.drain_batch);
+            drain::drain(&shared, code, plan, cfg.drain_timeout).await;
+            if code == close::SERVICE_RESTART {
+                tracing::info!("drained; waiting for shutdown");
+                shutdown.cancelled().await;
+            }
+            connections.close();
+            let grace = cfg.close_timeout * 2;
+            if tokio::time::timeout(grace, connections.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    open = shared.connections.lock().len(),
+                    "connections still open at exit"
+                );
+            }
+            stop.cancel();
+            let _ = dispatcher.await;
+            tracing::info!("worker stopped");
+        }
+    });
+
+    Ok(Worker {
+        ws_addr,
+        admin_addr,
+        metrics,
+        shared,
+        lifecycle,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tracker.spawn(conn::serve(stream, peer, shared.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.cancelled() => {
+                tracing::info!("stopped accepting clients");
+                return;
+            }
+        }
+    }
+}
+
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
