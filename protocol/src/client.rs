@@ -446,6 +446,16 @@ mod tests {
         }
     }
 
+    /// Found by fuzzing: a number beyond f64 range is grammatical JSON and is embedded as is
+    /// (JavaScript reads it as Infinity); the message stays valid JSON.
+    #[test]
+    fn out_of_range_numbers_stay_valid_json() {
+        let bytes = encode_message("t", None, None, b"99999999999999999992E99999999");
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.ends_with(r#""payload":99999999999999999992E99999999}"#), "{text}");
+        assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok());
+    }
+
     #[test]
     fn message_quotes_text_and_base64s_binary() {
         match decode(&encode_message("t", None, None, b"plain \"text\"")) {

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one command that runs every test of pushfleet on a fresh machine:
+#   1. installs what the tests need (Debian packages, a Python venv, Autobahn's Python 2.7 venv,
+#      cargo-fuzz),
+#   2. checks formatting and lints,
+#   3. cargo tests (unit, property and integration tests with real sockets),
+#   4. ZeroMQ interop tests against a real libzmq publisher (pyzmq),
+#   5. Autobahn Testsuite conformance of the worker's WebSocket endpoint (golden per-case results),
+#   6. a bounded run of every fuzz target.
+# Non-interactive; every step is bounded in time. Ends with "N passed, N failed" (steps).
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+export CARGO_TERM_COLOR=never
+passed=0
+failed=0
+failures=()
+
+step() {
+  local name=$1
+  shift
+  echo
+  echo "==> $name"
+  local start=$SECONDS
+  if "$@"; then
+    passed=$((passed + 1))
+    echo "<== $name: ok ($((SECONDS - start)) s)"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    echo "<== $name: FAILED ($((SECONDS - start)) s)"
+  fi
+}
+
+install_python() {
+  local venv="$repo/.venv"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+}
+
+install_autobahn() { bash tests/autobahn/setup.sh; }
+
+build_release() { cargo build --release --locked -p pushfleet-worker; }
+
+lint() {
+  cargo fmt --all -- --check && cargo clippy --locked --workspace --all-targets -- -D warnings
+}
+
+cargo_tests() { cargo test --locked --workspace; }
+
+interop() {
+  WORKER_BIN="$repo/target/release/worker" timeout 600 "$repo/.venv/bin/pytest" tests/interop -q
+}
+
+autobahn() {
+  local dir announce pid rc
+  dir=$(mktemp -d)
+  announce="$dir/announce.json"
+  # Large limits so the 9.* cases (messages up to 16 MiB) run; the echo path is test-only.
+  "$repo/target/release/worker" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --announce-file "$announce" --echo-path /echo --id autobahn \
+    --max-frame-bytes 20000000 --max-message-bytes 20000000 --max-decompressed-bytes 20000000 \
+    --outbound-queue-bytes 100000000 --compression-min-bytes 0 2>"$dir/worker.log" &
+  pid=$!
+  for _ in $(seq 100); do [ -s "$announce" ] && break; sleep 0.1; done
+  local ws
+  ws=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ws"])' "$announce") || {
+    kill "$pid"; cat "$dir/worker.log"; return 1; }
+  timeout 1500 python3 tests/autobahn/run.py --url "ws://$ws/echo" \
+    --golden tests/autobahn/expected.json --report-dir "$dir/report"
+  rc=$?
+  kill -TERM "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  [ $rc -eq 0 ] || tail -50 "$dir/worker.log"
+  rm -rf "$dir"
+  return $rc
+}
+
+fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
+
+step "install: Python test venv" install_python
+step "install: Autobahn (Python 2.7)" install_autobahn
+step "build: release worker" build_release
+step "lint: rustfmt and clippy" lint
+step "cargo test" cargo_tests
+step "ZeroMQ interop (pyzmq)" interop
+step "Autobahn conformance" autobahn
+step "fuzz (bounded)" fuzz
+
+echo
+if [ "$failed" -gt 0 ]; then
+  printf 'failed step: %s\n' "${failures[@]}"
+fi
+echo "steps: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
