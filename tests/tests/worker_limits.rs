@@ -109,7 +109,10 @@ async fn bad_requests_get_error_codes_and_the_connection_stays() -> Result<()> {
     Ok(())
 }
 
-async fn close_code_after(w: &TestWorker, deflate: bool, send: &[(u8, Vec<u8>)]) -> Result<u16> {
+/// Frames to send, each as (first header byte, payload).
+type Frames = Vec<(u8, Vec<u8>)>;
+
+async fn close_code_after(w: &TestWorker, deflate: bool, send: &Frames) -> Result<u16> {
     let mut c = w.client(deflate).await?;
     for (b0, payload) in send {
         c.send_frame(*b0, payload).await?;
@@ -125,7 +128,7 @@ async fn broken_and_oversized_frames_close_with_their_codes() -> Result<()> {
         c.max_decompressed_bytes = 10_000;
     })
     .await?;
-    let cases: Vec<(&str, bool, Vec<(u8, Vec<u8>)>, u16)> = vec![
+    let cases: Vec<(&str, bool, Frames, u16)> = vec![
         (
             "oversized frame",
             false,
