@@ -109,7 +109,17 @@ enum Mode {
     Both,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match bench_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout_bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_main() -> Result<()> {
     let args = Args::parse();
     ensure!(
         args.subscribers >= 1 && args.subscribers <= MAX_SUBSCRIBERS,
@@ -224,6 +234,7 @@ struct Outcome {
     rss_before_kib: u64,
     rss_idle_kib: u64,
     rss_after_kib: u64,
+    rss_settled_kib: u64,
     rss_peak_kib: u64,
     metrics: MetricsDelta,
     message_json_bytes: u64,
@@ -477,6 +488,9 @@ async fn run_scenario(
     let rss_after_kib = proc_status_kib(worker.pid, "VmRSS")?;
     let rss_peak_kib = proc_status_kib(worker.pid, "VmHWM")?;
     let worker_threads = proc_status_kib(worker.pid, "Threads").ok();
+    // Memory the worker keeps once the burst is written (queues that do not shrink show here).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_settled_kib = proc_status_kib(worker.pid, "VmRSS")?;
     let report = match report {
         Some(r) => r,
         None => window.await??,
@@ -539,6 +553,7 @@ async fn run_scenario(
         rss_before_kib,
         rss_idle_kib,
         rss_after_kib,
+        rss_settled_kib,
         rss_peak_kib,
         metrics: MetricsDelta::between(&m0, &m1),
         message_json_bytes: shared.message_json_bytes.load(Ordering::Acquire),
@@ -1639,12 +1654,14 @@ fn print_outcome(args: &Args, o: &Outcome) {
     );
     println!(
         "worker RSS               {:.1} MiB before, {:.1} MiB idle with {} connections \
-         ({:.1} KiB per connection), {:.1} MiB after the window, peak {:.1} MiB",
+         ({:.1} KiB per connection), {:.1} MiB after the window, {:.1} MiB 2 s later, peak \
+         {:.1} MiB",
         o.rss_before_kib as f64 / 1024.0,
         o.rss_idle_kib as f64 / 1024.0,
         o.subscribers,
         o.rss_per_conn_kib(),
         o.rss_after_kib as f64 / 1024.0,
+        o.rss_settled_kib as f64 / 1024.0,
         o.rss_peak_kib as f64 / 1024.0
     );
     println!(
@@ -1751,6 +1768,9 @@ fn print_comparison(outcomes: &[Outcome]) {
     });
     row("worker RSS KiB/connection", &|o| {
         format!("{:.1}", o.rss_per_conn_kib())
+    });
+    row("worker RSS after window (MiB)", &|o| {
+        format!("{:.1}", o.rss_settled_kib as f64 / 1024.0)
     });
     row("worker peak RSS (MiB)", &|o| {
         format!("{:.1}", o.rss_peak_kib as f64 / 1024.0)
