@@ -452,7 +452,10 @@ mod tests {
     fn out_of_range_numbers_stay_valid_json() {
         let bytes = encode_message("t", None, None, b"99999999999999999992E99999999");
         let text = std::str::from_utf8(&bytes).unwrap();
-        assert!(text.ends_with(r#""payload":99999999999999999992E99999999}"#), "{text}");
+        assert!(
+            text.ends_with(r#""payload":99999999999999999992E99999999}"#),
+            "{text}"
+        );
         assert!(serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok());
     }
 

@@ -41,6 +41,7 @@ HEAVY_DEFLATE_SUBCASES = (9, 10, 13, 14, 15, 16, 17, 18)
 DEFAULT_EXCLUDE = ",".join("%d.*.%d" % (sec, sub) for sec in (12, 13)
                            for sub in HEAVY_DEFLATE_SUBCASES)
 DEFAULT_TIMEOUT = 900  # seconds for the whole wstest run
+FULL_TIMEOUT = 2700  # with --full
 BEHAVIORS = ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED")
 MUST_IMPLEMENT = ("12", "13")  # permessage-deflate sections
 
@@ -56,18 +57,24 @@ def case_key(case_id):
 
 
 def split_patterns(text):
-    return [p.strip() for p in (text or "").split(",") if p.strip()]
+    return [p.strip().rstrip("$") for p in (text or "").split(",") if p.strip().rstrip("$")]
 
 
 def pattern_matcher(pattern):
-    """Same rule as autobahntestsuite's CaseSet.resolveCasePatternList: a
-    pattern with '*' is a regex ('.' literal, '*' any run) matched at the start
-    of the case id (re.match, not anchored at the end); one without '*' is an
-    exact case id."""
-    if "*" in pattern:
-        rx = re.compile(re.escape(pattern).replace(r"\*", ".*"))
-        return lambda case_id: rx.match(case_id) is not None
-    return lambda case_id: case_id == pattern
+    """Case pattern: '*' matches any run of characters, everything else is
+    literal, and the whole case id must match ('13.*.1' is 13.1.1 .. 13.7.1,
+    not 13.1.10)."""
+    rx = re.compile(re.escape(pattern).replace(r"\*", ".*"))
+    return lambda case_id: rx.fullmatch(case_id) is not None
+
+
+def wstest_pattern(pattern):
+    """The same pattern for wstest's spec. autobahntestsuite turns a pattern
+    containing '*' into a regex ('.' -> '\\.', '*' -> '.*') and applies it with
+    re.match, i.e. anchored only at the start; a trailing '$' anchors the end
+    too so that wstest selects exactly what pattern_matcher() does. A pattern
+    without '*' is an exact case id for wstest already."""
+    return pattern + "$" if "*" in pattern else pattern
 
 
 class Selection:
@@ -155,51 +162,56 @@ def run_wstest(wstest, spec_path, report_dir, timeout, verbose):
     case_start = start
     last_beat = start
     timed_out = False
-    while True:
-        now = time.monotonic()
-        if now >= deadline:
-            timed_out = True
-            break
-        try:
-            line = lines.get(timeout=min(1.0, deadline - now))
-        except queue.Empty:
-            line = ""
-        now = time.monotonic()
-        if line is None:
-            break
-        if line:
-            logf.write(line + "\n")
-        m = RUNNING_RE.match(line)
-        if m:
-            if current:
-                case_secs[current] = now - case_start
-            current, case_start = m.group(1), now
-            done += 1
-            g = group_of(current)
-            if g != group:
-                if group is not None:
-                    group_secs[group] = group_secs.get(group, 0.0) + now - group_start
-                group, group_start = g, now
-                total = len(selected) or "?"
-                log("autobahn: [%*d/%s] %-6s from %s  (elapsed %s)"
-                    % (len(str(total)), done, total, g + ".*", current, fmt_secs(now - start)))
-                last_beat = now
-            if verbose:
-                log("  wstest: " + line)
-        elif line.startswith("Cases = "):
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = True
+                break
             try:
-                selected = list(ast.literal_eval(line[len("Cases = "):]))
-            except (ValueError, SyntaxError):
-                selected = []
-            log("autobahn: wstest selected %d cases" % len(selected))
-        elif line:
-            if line.startswith("Connection to ") or "Traceback" in line or "Error" in line:
-                errors.append(line)
-            log("  wstest: " + line)
-        if current and now - last_beat >= 30:
-            log("autobahn: [%d/%s] running %s  (elapsed %s)"
-                % (done, len(selected) or "?", current, fmt_secs(now - start)))
-            last_beat = now
+                line = lines.get(timeout=min(1.0, deadline - now))
+            except queue.Empty:
+                line = ""
+            now = time.monotonic()
+            if line is None:
+                break
+            if line:
+                logf.write(line + "\n")
+            m = RUNNING_RE.match(line)
+            if m:
+                if current:
+                    case_secs[current] = now - case_start
+                current, case_start = m.group(1), now
+                done += 1
+                g = group_of(current)
+                if g != group:
+                    if group is not None:
+                        group_secs[group] = group_secs.get(group, 0.0) + now - group_start
+                    group, group_start = g, now
+                    total = len(selected) or "?"
+                    log("autobahn: [%*d/%s] %-6s from %s  (elapsed %s)"
+                        % (len(str(total)), done, total, g + ".*", current, fmt_secs(now - start)))
+                    last_beat = now
+                if verbose:
+                    log("  wstest: " + line)
+            elif line.startswith("Cases = "):
+                try:
+                    selected = list(ast.literal_eval(line[len("Cases = "):]))
+                except (ValueError, SyntaxError):
+                    selected = []
+                log("autobahn: wstest selected %d cases" % len(selected))
+            elif line:
+                if line.startswith("Connection to ") or "Traceback" in line or "Error" in line:
+                    errors.append(line)
+                log("  wstest: " + line)
+            if current and now - last_beat >= 30:
+                log("autobahn: [%d/%s] running %s  (elapsed %s)"
+                    % (done, len(selected) or "?", current, fmt_secs(now - start)))
+                last_beat = now
+    except BaseException:
+        # Ctrl-C / SIGTERM: wstest runs in its own session, so stop it here.
+        kill_group(proc)
+        raise
 
     end = time.monotonic()
     if current:
@@ -265,7 +277,12 @@ def fmt_result(r):
     return "%s/%s" % (r["behavior"], r["behaviorClose"]) if r else "(no result)"
 
 
+def _sigterm(signum, frame):
+    sys.exit(128 + signum)
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, _sigterm)
     ap = argparse.ArgumentParser(
         description="Run Autobahn's fuzzingclient against a WebSocket echo URL and "
                     "compare per-case results with a golden file.")
@@ -287,9 +304,9 @@ def main(argv=None):
     ap.add_argument("--report-dir", default=DEFAULT_REPORT_DIR,
                     help="wstest output directory (default: tests/autobahn/reports)")
     ap.add_argument("--timeout", type=int,
-                    default=int(os.environ.get("AUTOBAHN_TIMEOUT", DEFAULT_TIMEOUT)),
-                    help="time limit in seconds for the whole wstest run "
-                         "(default %d, env AUTOBAHN_TIMEOUT)" % DEFAULT_TIMEOUT)
+                    default=int(os.environ["AUTOBAHN_TIMEOUT"]) if os.environ.get("AUTOBAHN_TIMEOUT") else None,
+                    help="time limit in seconds for the whole wstest run (default %d, "
+                         "%d with --full; env AUTOBAHN_TIMEOUT)" % (DEFAULT_TIMEOUT, FULL_TIMEOUT))
     ap.add_argument("--wstest", default=default_wstest(),
                     help="wstest executable (default: <repo>/.venv-autobahn/bin/wstest, "
                          "env AUTOBAHN_WSTEST / AUTOBAHN_VENV)")
@@ -305,6 +322,8 @@ def main(argv=None):
     cases = split_patterns(args.cases) or ["*"]
     if args.full and args.exclude:
         ap.error("--full and --exclude are mutually exclusive")
+    if args.timeout is None:
+        args.timeout = FULL_TIMEOUT if args.full else DEFAULT_TIMEOUT
     if args.full:
         exclude = []
     elif args.exclude is None:
@@ -319,8 +338,8 @@ def main(argv=None):
     spec = {
         "outdir": report_dir,
         "servers": [{"agent": AGENT, "url": args.url}],
-        "cases": cases,
-        "exclude-cases": exclude,
+        "cases": [wstest_pattern(p) for p in cases],
+        "exclude-cases": [wstest_pattern(p) for p in exclude],
         "exclude-agent-cases": {},
     }
     spec_path = os.path.join(report_dir, "spec.json")
