@@ -533,6 +533,9 @@ impl Connection {
         }
         // One shared-counter update per write, not per frame.
         metrics.frames_written.inc_by(frames);
+        if self.pending.is_empty() && self.pending.capacity() > crate::outbox::SHRINK_ABOVE {
+            self.pending = VecDeque::new();
+        }
     }
 
     /// Writes everything pending.

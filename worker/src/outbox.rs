@@ -9,6 +9,9 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use tokio::sync::Notify;
 
+/// Queue slots kept after draining a backlog; larger queues give their storage back.
+pub const SHRINK_ABOVE: usize = 64;
+
 /// A frame waiting to be written, with the publish time it carries (for the latency metric).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -90,6 +93,10 @@ impl Outbox {
     pub fn take(&self, into: &mut VecDeque<Outgoing>) -> Signals {
         let mut s = self.state.lock();
         into.append(&mut s.queue);
+        // After a backlog, give the storage back instead of keeping it for the connection's life.
+        if s.queue.capacity() > SHRINK_ABOVE {
+            s.queue = VecDeque::new();
+        }
         Signals {
             overflowed: s.overflowed,
             close_request: s.close_request,
@@ -160,6 +167,18 @@ mod tests {
         assert_eq!(o.pending_bytes(), 100);
         o.close();
         assert_eq!(o.push(item(0)), Push::Refused);
+    }
+
+    #[test]
+    fn storage_is_released_after_a_backlog() {
+        let o = Outbox::new(usize::MAX);
+        for _ in 0..10_000 {
+            o.push(item(1));
+        }
+        let mut taken = VecDeque::new();
+        o.take(&mut taken);
+        assert_eq!(taken.len(), 10_000);
+        assert!(o.state.lock().queue.capacity() <= SHRINK_ABOVE);
     }
 
     #[tokio::test]
