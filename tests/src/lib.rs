@@ -35,6 +35,20 @@ impl TestWorker {
         Ok(TestWorker { worker, shutdown })
     }
 
+    /// Binds a publisher, then starts a worker subscribed to it (after `tweak`).
+    pub async fn with_publisher(
+        tweak: impl FnOnce(&mut worker::Config),
+    ) -> Result<(Publisher, TestWorker)> {
+        let publisher = Publisher::bind().await?;
+        let endpoint = publisher.endpoint.clone();
+        let worker = TestWorker::start(|c| {
+            c.publishers = vec![endpoint];
+            tweak(c);
+        })
+        .await?;
+        Ok((publisher, worker))
+    }
+
     /// The client URL path `/ws` on this worker, as `host:port`.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.worker.ws_addr

@@ -50,9 +50,7 @@ async fn read_until(c: &mut WsClient, offset: u64) -> Result<serde_json::Value> 
 
 #[tokio::test]
 async fn each_message_reaches_each_subscriber_once_in_order() -> Result<()> {
-    let mut p = Publisher::bind().await?;
-    let endpoint = p.endpoint.clone();
-    let w = TestWorker::start(|c| c.publishers = vec![endpoint]).await?;
+    let (mut p, w) = TestWorker::with_publisher(|_| {}).await?;
     let mut clients = Vec::new();
     for i in 0..5 {
         let mut c = w.client(i % 2 == 0).await?;
@@ -89,10 +87,7 @@ async fn each_message_reaches_each_subscriber_once_in_order() -> Result<()> {
 
 #[tokio::test]
 async fn one_deflate_per_message_whatever_the_subscriber_count() -> Result<()> {
-    let mut p = Publisher::bind().await?;
-    let endpoint = p.endpoint.clone();
-    let w = TestWorker::start(|c| {
-        c.publishers = vec![endpoint];
+    let (mut p, w) = TestWorker::with_publisher(|c| {
         c.compression_min_bytes = 64;
     })
     .await?;
@@ -129,10 +124,7 @@ async fn one_deflate_per_message_whatever_the_subscriber_count() -> Result<()> {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_with_4001_and_others_continue() -> Result<()> {
-    let mut p = Publisher::bind().await?;
-    let endpoint = p.endpoint.clone();
-    let w = TestWorker::start(|c| {
-        c.publishers = vec![endpoint];
+    let (mut p, w) = TestWorker::with_publisher(|c| {
         c.outbound_queue_bytes = 64 * 1024;
         c.close_timeout = Duration::from_secs(10);
     })

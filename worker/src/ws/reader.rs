@@ -66,7 +66,7 @@ impl Reader {
     }
 
     /// Takes the next event from the front of `buf`, consuming its bytes. `Ok(None)` means
-    /// `buf` holds no complete frame yet; `needed` tells how many bytes the next frame needs.
+    /// `buf` holds no complete frame yet (see [`Reader::frame_len_hint`]).
     pub fn next_event(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, Violation> {
         loop {
             let Some(h) = frame::parse_header(buf, self.deflate, self.limits.max_frame_bytes)
