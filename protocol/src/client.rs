@@ -59,6 +59,8 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// Unsubscribe for something this connection is not subscribed to.
     NotSubscribed,
+    /// A history request (`since`/`last`) for a topic the connection already holds.
+    AlreadySubscribed,
 }
 
 impl ErrorCode {
@@ -72,6 +74,7 @@ impl ErrorCode {
             ErrorCode::TopicTooLong => "topic_too_long",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
         }
     }
 }
@@ -102,6 +105,45 @@ impl Filter {
     }
 }
 
+/// What a subscribe asks of the topic's history (topic filters only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HistoryRequest {
+    /// Resume: the last position the client has; it wants every message after it.
+    pub since: Option<Position>,
+    /// The last `n` messages: alone, a catch-up; with `since`, what to send instead when the
+    /// resume cannot be recovered.
+    pub last: Option<u32>,
+}
+
+/// Why a resume (`since`) was not recovered. The client should drop what it holds for the
+/// topic and start again from what follows (the last messages, if it asked with `last`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRecovered {
+    /// The topic's stream restarted (new epoch): old positions mean nothing.
+    EpochChanged,
+    /// Messages after the position are no longer in history.
+    TooOld,
+    /// More messages were missed than `max_replay` allows in one request.
+    TooManyMissed,
+    /// This worker keeps no history for the topic, or knows nothing of it.
+    NoHistory,
+    /// The position is ahead of everything this worker has for the topic.
+    PositionAhead,
+}
+
+impl NotRecovered {
+    /// The reason as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotRecovered::EpochChanged => "epoch_changed",
+            NotRecovered::TooOld => "too_old",
+            NotRecovered::TooManyMissed => "too_many_missed",
+            NotRecovered::NoHistory => "no_history",
+            NotRecovered::PositionAhead => "position_ahead",
+        }
+    }
+}
+
 /// A validated client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -111,6 +153,8 @@ pub enum Request {
         id: Option<u64>,
         /// What to receive.
         filter: Filter,
+        /// History to send before live messages, if asked.
+        history: Option<HistoryRequest>,
     },
     /// Stop receiving messages that match `filter`.
     Unsubscribe {
@@ -143,6 +187,8 @@ struct RawRequest {
     id: Option<serde_json::Value>,
     topic: Option<String>,
     prefix: Option<String>,
+    since: Option<serde_json::Value>,
+    last: Option<serde_json::Value>,
 }
 
 /// Parses and validates one text message from a client. `topic_limit` is `max_topic_bytes`.
@@ -188,11 +234,53 @@ pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestE
         })?;
         Ok(filter)
     };
+    let bad = |message: String| fail(id, ErrorCode::BadRequest, message);
+    let history = || -> Result<Option<HistoryRequest>, RequestError> {
+        let last = match &raw.last {
+            None => None,
+            Some(serde_json::Value::Number(n)) => match n.as_u64().map(u32::try_from) {
+                Some(Ok(n)) => Some(n),
+                _ => {
+                    return Err(bad(
+                        "\"last\" must be an integer from 0 to 4294967295".into()
+                    ))
+                }
+            },
+            Some(_) => return Err(bad("\"last\" must be an integer".into())),
+        };
+        let since = match &raw.since {
+            None => None,
+            Some(v) => {
+                let p: JsonPosition = serde_json::from_value(v.clone()).map_err(|_| {
+                    bad(r#""since" must be {"epoch":"<16 hex digits>","offset":<integer>}"#.into())
+                })?;
+                if p.epoch.is_empty() || p.epoch.len() > 16 {
+                    return Err(bad("\"since.epoch\" must be 1 to 16 hex digits".into()));
+                }
+                Some(Position::try_from(&p).map_err(|_| {
+                    bad(format!("\"since.epoch\" {:?} is not hexadecimal", p.epoch))
+                })?)
+            }
+        };
+        if since.is_none() && last.is_none() {
+            return Ok(None);
+        }
+        if raw.prefix.is_some() {
+            return Err(bad(
+                "history (\"since\"/\"last\") is per topic; use \"topic\", not \"prefix\"".into(),
+            ));
+        }
+        Ok(Some(HistoryRequest { since, last }))
+    };
     match op.as_str() {
-        "subscribe" => Ok(Request::Subscribe {
-            id,
-            filter: filter()?,
-        }),
+        "subscribe" => {
+            let filter = filter()?;
+            Ok(Request::Subscribe {
+                id,
+                history: history()?,
+                filter,
+            })
+        }
         "unsubscribe" => Ok(Request::Unsubscribe {
             id,
             filter: filter()?,
@@ -204,6 +292,22 @@ pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestE
             format!("unknown op {other:?}; expected subscribe, unsubscribe or ping"),
         )),
     }
+}
+
+/// The `history` part of a subscribe ack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryReply {
+    /// Present when the request had `since`: whether every message after it follows.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub recovered: Option<bool>,
+    /// Why `recovered` is false (see [`NotRecovered`]).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// How many history messages follow this ack, before live ones.
+    pub replayed: u64,
+    /// The topic's latest position on this worker when the ack was sent, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub position: Option<JsonPosition>,
 }
 
 /// A reply or push from the worker, as clients decode it.
@@ -232,6 +336,9 @@ pub enum ServerMessage {
         /// The subscribed prefix, for prefix filters.
         #[serde(skip_serializing_if = "Option::is_none", default)]
         prefix: Option<String>,
+        /// What was done with a history request; exactly `replayed` messages follow.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        history: Option<HistoryReply>,
     },
     /// A request failed; the connection stays open.
     Error {
@@ -242,6 +349,24 @@ pub enum ServerMessage {
         code: String,
         /// Human-readable reason.
         message: String,
+    },
+    /// Messages of a topic were lost for good: offsets `from..=to` of `epoch` will never come.
+    Gap {
+        /// The topic.
+        topic: String,
+        /// The stream the lost messages belong to.
+        epoch: String,
+        /// First lost offset.
+        from: u64,
+        /// Last lost offset.
+        to: u64,
+    },
+    /// The topic's stream restarted with a new epoch; positions of the old one are void.
+    Reset {
+        /// The topic.
+        topic: String,
+        /// The new epoch (16 hex digits).
+        epoch: String,
     },
     /// Answer to `{"op":"ping"}`.
     Pong {
@@ -281,6 +406,7 @@ impl ServerMessage {
             op: op.into(),
             topic,
             prefix,
+            history: None,
         }
     }
 
@@ -356,7 +482,26 @@ mod tests {
             parse_request(r#"{"op":"subscribe","id":1,"topic":"a.b"}"#, 16).unwrap(),
             Request::Subscribe {
                 id: Some(1),
-                filter: Filter::Topic("a.b".into())
+                filter: Filter::Topic("a.b".into()),
+                history: None,
+            }
+        );
+        assert_eq!(
+            parse_request(
+                r#"{"op":"subscribe","topic":"a","since":{"epoch":"00000000000000ff","offset":3},"last":10}"#,
+                16
+            )
+            .unwrap(),
+            Request::Subscribe {
+                id: None,
+                filter: Filter::Topic("a".into()),
+                history: Some(HistoryRequest {
+                    since: Some(Position {
+                        epoch: 255,
+                        offset: 3
+                    }),
+                    last: Some(10)
+                }),
             }
         );
         assert_eq!(
@@ -399,6 +544,19 @@ mod tests {
             ErrorCode::TopicTooLong
         );
         assert_eq!(code(r#"{"op":"ping","id":-1}"#), ErrorCode::BadRequest);
+        for bad_history in [
+            r#"{"op":"subscribe","prefix":"a","last":1}"#,
+            r#"{"op":"subscribe","topic":"a","last":-1}"#,
+            r#"{"op":"subscribe","topic":"a","last":"5"}"#,
+            r#"{"op":"subscribe","topic":"a","last":99999999999}"#,
+            r#"{"op":"subscribe","topic":"a","since":5}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"epoch":"xyz","offset":1}}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"epoch":"","offset":1}}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"epoch":"00000000000000001","offset":1}}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"epoch":"01"}}"#,
+        ] {
+            assert_eq!(code(bad_history), ErrorCode::BadRequest, "{bad_history}");
+        }
         assert_eq!(code(r#"{"op":"ping","id":"x"}"#), ErrorCode::BadRequest);
     }
 

@@ -6,15 +6,18 @@
 //!                                (config: TOML file < env < CLI, for every binary)
 //! ```
 //!
-//! - [`publish`]: the publisher wire format, `[topic, payload]` or `[topic, meta, payload]`.
+//! - [`publish`]: the publisher wire format, `[topic, payload]` or `[topic, meta, payload]`,
+//!   and position checks.
 //! - [`position`]: `Position { epoch, offset }`, stamped by the publisher.
 //! - [`client`]: the client protocol (`pushfleet.v1` subprotocol): requests, replies, error
 //!   codes and WebSocket close codes.
+//! - [`backfill`]: how workers hand history to each other (admin `GET /history` bodies).
 //! - [`layered`]: loads a clap configuration from a TOML file, environment and flags.
 //!
 //! The human-readable specification is `protocol/PROTOCOL.md`; the tests here keep the two in
 //! step.
 
+pub mod backfill;
 pub mod client;
 pub mod layered;
 pub mod position;

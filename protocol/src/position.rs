@@ -5,7 +5,7 @@ use std::fmt;
 
 /// Where a message stands in its topic: `offset` grows by exactly one per message within one
 /// `epoch`; a new epoch starts an unrelated stream (publisher restart, history lost).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Position {
     /// Names one unbroken stream of the topic; chosen by the publisher (e.g. random at start).
     pub epoch: u64,

@@ -7,11 +7,17 @@
 //! [topic, meta, payload]    meta = 28 bytes, big-endian:
 //!     0..2   magic  b"PF"
 //!     2      version = 1
-//!     3      flags  bit 0: epoch/offset present, bit 1: publish time present (others 0)
+//!     3      flags  bit 0: epoch/offset present, bit 1: publish time present,
+//!                   bit 2: position check (others 0)
 //!     4..12  epoch   u64
 //!     12..20 offset  u64
 //!     20..28 publish time, microseconds since the Unix epoch, u64
 //! ```
+//!
+//! A **position check** (flags bits 0 and 2, empty payload) is not a message: it says "the last
+//! message I published on this topic is at this position". Publishers send one for each topic
+//! that has been quiet for a while, so that a worker that lost the last message of a topic
+//! that then went quiet notices the gap and repairs it. Workers never deliver checks to clients.
 //!
 //! The topic comes first so that ZeroMQ's prefix filtering works on it. It is UTF-8, non-empty
 //! and free of control characters.
@@ -28,6 +34,21 @@ pub const META_MAGIC: &[u8; 2] = b"PF";
 pub const META_VERSION: u8 = 1;
 const FLAG_POSITION: u8 = 1;
 const FLAG_TIME: u8 = 2;
+const FLAG_CHECK: u8 = 4;
+
+/// What one ZeroMQ message from a publisher carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A message for clients.
+    Message(Published),
+    /// A position check: `position` is the last message published on `topic`.
+    Check {
+        /// The topic, validated UTF-8.
+        topic: Bytes,
+        /// Position of the topic's latest message.
+        position: Position,
+    },
+}
 
 /// One message as published.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +78,9 @@ pub enum DecodeError {
     /// The meta frame is malformed.
     #[error("invalid meta frame: {0}")]
     Meta(&'static str),
+    /// A position check without a position or with a payload.
+    #[error("invalid position check: {0}")]
+    Check(&'static str),
 }
 
 /// Why a topic (or topic prefix) is not acceptable.
@@ -100,7 +124,7 @@ pub fn validate_topic(topic: &[u8], limit: usize) -> Result<&str, TopicError> {
 }
 
 /// Decodes the frames of one ZeroMQ message. `topic_limit` is the worker's max topic length.
-pub fn decode(frames: &[Bytes], topic_limit: usize) -> Result<Published, DecodeError> {
+pub fn decode(frames: &[Bytes], topic_limit: usize) -> Result<Inbound, DecodeError> {
     let (topic, meta, payload) = match frames {
         [topic, payload] => (topic, None, payload),
         [topic, meta, payload] => (topic, Some(meta), payload),
@@ -108,19 +132,32 @@ pub fn decode(frames: &[Bytes], topic_limit: usize) -> Result<Published, DecodeE
         _ => return Err(DecodeError::TooManyFrames(frames.len())),
     };
     validate_topic(topic, topic_limit)?;
-    let (position, published_at_us) = match meta {
-        None => (None, None),
+    let (position, published_at_us, check) = match meta {
+        None => (None, None, false),
         Some(meta) => decode_meta(meta)?,
     };
-    Ok(Published {
+    if check {
+        let position = position.ok_or(DecodeError::Check("flag bit 0 (position) is not set"))?;
+        if !payload.is_empty() {
+            return Err(DecodeError::Check("the payload frame must be empty"));
+        }
+        return Ok(Inbound::Check {
+            topic: topic.clone(),
+            position,
+        });
+    }
+    Ok(Inbound::Message(Published {
         topic: topic.clone(),
         position,
         published_at_us,
         payload: payload.clone(),
-    })
+    }))
 }
 
-fn decode_meta(meta: &[u8]) -> Result<(Option<Position>, Option<u64>), DecodeError> {
+/// Decoded meta: position, publish time, position-check flag.
+type Meta = (Option<Position>, Option<u64>, bool);
+
+fn decode_meta(meta: &[u8]) -> Result<Meta, DecodeError> {
     if meta.len() != META_LEN {
         return Err(DecodeError::Meta("meta frame must be 28 bytes"));
     }
@@ -131,7 +168,7 @@ fn decode_meta(meta: &[u8]) -> Result<(Option<Position>, Option<u64>), DecodeErr
         return Err(DecodeError::Meta("unsupported meta version (expected 1)"));
     }
     let flags = meta[3];
-    if flags & !(FLAG_POSITION | FLAG_TIME) != 0 {
+    if flags & !(FLAG_POSITION | FLAG_TIME | FLAG_CHECK) != 0 {
         return Err(DecodeError::Meta("unknown flag bits set"));
     }
     let word = |at: usize| u64::from_be_bytes(meta[at..at + 8].try_into().expect("8 bytes"));
@@ -140,7 +177,7 @@ fn decode_meta(meta: &[u8]) -> Result<(Option<Position>, Option<u64>), DecodeErr
         offset: word(12),
     });
     let time = (flags & FLAG_TIME != 0).then(|| word(20));
-    Ok((position, time))
+    Ok((position, time, flags & FLAG_CHECK != 0))
 }
 
 /// Encodes a meta frame (what a publisher sends as the second of three frames).
@@ -160,6 +197,17 @@ pub fn encode_meta(position: Option<Position>, published_at_us: Option<u64>) -> 
     meta
 }
 
+/// Encodes the frames of a position check: `[topic, meta, empty payload]`.
+pub fn encode_check(topic: &str, last: Position) -> [Bytes; 3] {
+    let mut meta = encode_meta(Some(last), None);
+    meta[3] |= FLAG_CHECK;
+    [
+        Bytes::copy_from_slice(topic.as_bytes()),
+        Bytes::copy_from_slice(&meta),
+        Bytes::new(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,9 +217,44 @@ mod tests {
         Bytes::copy_from_slice(s)
     }
 
+    fn message(frames: &[Bytes], limit: usize) -> Result<Published, DecodeError> {
+        match decode(frames, limit)? {
+            Inbound::Message(m) => Ok(m),
+            other => panic!("not a message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn position_checks_decode_and_need_a_position_and_no_payload() {
+        let last = Position {
+            epoch: 9,
+            offset: 41,
+        };
+        let frames = encode_check("t", last);
+        assert_eq!(
+            decode(&frames, 8),
+            Ok(Inbound::Check {
+                topic: b(b"t"),
+                position: last
+            })
+        );
+        let mut with_payload = frames.clone();
+        with_payload[2] = b(b"x");
+        assert!(matches!(
+            decode(&with_payload, 8),
+            Err(DecodeError::Check(_))
+        ));
+        let mut meta = encode_meta(None, None);
+        meta[3] |= FLAG_CHECK;
+        assert!(matches!(
+            decode(&[b(b"t"), b(&meta), Bytes::new()], 8),
+            Err(DecodeError::Check(_))
+        ));
+    }
+
     #[test]
     fn two_frames_are_live_only() {
-        let m = decode(&[b(b"scores"), b(b"{}")], 256).unwrap();
+        let m = message(&[b(b"scores"), b(b"{}")], 256).unwrap();
         assert_eq!(&m.topic[..], b"scores");
         assert_eq!(m.position, None);
         assert_eq!(m.published_at_us, None);
@@ -223,7 +306,7 @@ mod tests {
         let mut version = good;
         version[2] = 9;
         let mut flags = good;
-        flags[3] = 0x80;
+        flags[3] = 0x80 | FLAG_POSITION;
         for bad in [short, magic.to_vec(), version.to_vec(), flags.to_vec()] {
             let r = decode(&[b(b"t"), Bytes::from(bad), b(b"p")], 8);
             assert!(matches!(r, Err(DecodeError::Meta(_))), "{r:?}");
@@ -236,7 +319,7 @@ mod tests {
             let pos = has_pos.then_some(Position { epoch, offset });
             let t = has_time.then_some(time);
             let meta = encode_meta(pos, t);
-            let m = decode(&[b(b"topic"), b(&meta), b(b"payload")], 256).unwrap();
+            let m = message(&[b(b"topic"), b(&meta), b(b"payload")], 256).unwrap();
             prop_assert_eq!(m.position, pos);
             prop_assert_eq!(m.published_at_us, t);
         }

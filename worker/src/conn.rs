@@ -404,7 +404,7 @@ impl Connection {
         };
         self.consecutive_errors = 0;
         match request {
-            Request::Subscribe { id, filter } => {
+            Request::Subscribe { id, filter, .. } => {
                 if !self.filters.contains(&filter) {
                     if self.filters.len() >= cfg.max_subscriptions {
                         let e = protocol::client::RequestError {

@@ -171,8 +171,11 @@ impl Hub {
 }
 
 /// Runs fan-out: takes messages from the upstream queue until every sender is gone.
-pub async fn run_dispatcher(hub: Arc<Hub>, mut rx: mpsc::Receiver<Published>) {
+pub async fn run_dispatcher(hub: Arc<Hub>, mut rx: mpsc::Receiver<protocol::publish::Inbound>) {
     while let Some(p) = rx.recv().await {
+        let protocol::publish::Inbound::Message(p) = p else {
+            continue;
+        };
         // The upstream side validated the topic as UTF-8.
         if let Ok(topic) = std::str::from_utf8(&p.topic) {
             hub.dispatch(topic, &p);

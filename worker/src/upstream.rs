@@ -12,7 +12,7 @@ use crate::interest;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use futures::StreamExt;
-use protocol::publish::{self, Published};
+use protocol::publish::{self, Inbound};
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -118,7 +118,7 @@ pub async fn run_endpoint<S: SubSocket>(
     endpoint: String,
     mut new_socket: impl FnMut() -> S,
     mut wanted: watch::Receiver<Arc<BTreeSet<String>>>,
-    out: mpsc::Sender<Published>,
+    out: mpsc::Sender<Inbound>,
     metrics: Arc<Metrics>,
     settings: EndpointSettings,
     shutdown: CancellationToken,
@@ -235,7 +235,7 @@ async fn apply<S: SubSocket>(
     true
 }
 
-fn decode(frames: &[Bytes], s: &EndpointSettings) -> Result<Published, (&'static str, String)> {
+fn decode(frames: &[Bytes], s: &EndpointSettings) -> Result<Inbound, (&'static str, String)> {
     let p = publish::decode(frames, s.max_topic_bytes).map_err(|e| {
         let reason = match e {
             publish::DecodeError::TooFewFrames(_) | publish::DecodeError::TooManyFrames(_) => {
@@ -243,15 +243,19 @@ fn decode(frames: &[Bytes], s: &EndpointSettings) -> Result<Published, (&'static
             }
             publish::DecodeError::Topic(_) => "topic",
             publish::DecodeError::Meta(_) => "meta",
+            publish::DecodeError::Check(_) => "check",
         };
         (reason, e.to_string())
     })?;
-    if p.payload.len() > s.max_publish_bytes {
+    let Inbound::Message(m) = &p else {
+        return Ok(p);
+    };
+    if m.payload.len() > s.max_publish_bytes {
         return Err((
             "too_big",
             format!(
                 "payload of {} bytes exceeds max_publish_bytes {}",
-                p.payload.len(),
+                m.payload.len(),
                 s.max_publish_bytes
             ),
         ));
@@ -418,6 +422,9 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        let Inbound::Message(p) = p else {
+            panic!("expected a message")
+        };
         assert_eq!(&p.topic[..], b"b.1");
         // The publisher goes away: a new socket gets the whole wanted set again.
         drop(inbox1);
