@@ -1,6 +1,9 @@
 //! The admin HTTP port: `GET /metrics` (Prometheus), `GET /healthz` (alive), `GET /readyz`
-//! (accepting clients), `POST /drain` (close clients in staggered batches, stop accepting).
+//! (accepting clients), `POST /drain` (close clients in staggered batches, stop accepting),
+//! `GET /history?topic=..` (a topic's history for peer workers, see `protocol::backfill`).
 
+use crate::history::SnapshotError;
+use crate::hub::Command;
 use crate::server::Shared;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -31,7 +34,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req)) }
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -45,14 +48,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
-    };
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => Response::builder()
             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
@@ -66,6 +62,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n".into())
             }
         }
+        (&Method::GET, "/history") => history(shared, req.uri().query().unwrap_or("")).await,
         (&Method::POST, "/drain") => {
             let already = shared.draining.load(Ordering::Relaxed);
             shared.drain_requested.cancel();
@@ -80,13 +77,56 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .body(Full::new(Bytes::from(body.to_string())))
                 .expect("valid response")
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => text(
+        (_, "/metrics" | "/healthz" | "/readyz" | "/drain" | "/history") => text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "use GET for /metrics, /healthz, /readyz and POST for /drain\n".into(),
+            "use GET for /metrics, /healthz, /readyz, /history and POST for /drain\n".into(),
         ),
         (_, path) => text(
             StatusCode::NOT_FOUND,
-            format!("no admin endpoint at {path}; try /metrics, /healthz, /readyz, POST /drain\n"),
+            format!("no admin endpoint at {path}; try /metrics, /healthz, /readyz, /history, POST /drain\n"),
         ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+/// `GET /history?topic=T[&epoch=E&from=N][&limit=L]`: 200 with a history body, 404 when this
+/// worker has no history for the topic, 409 when its history is of another epoch.
+async fn history(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
+    let q = match crate::peers::parse_history_query(query, shared.config.max_held.max(1)) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let command = Command::PeerHistory {
+        topic: q.topic,
+        epoch: q.epoch,
+        from: q.from,
+        limit: q.limit,
+        reply,
+    };
+    if shared.hub.send(command).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "worker stopping\n".into());
+    }
+    match answer.await {
+        Ok(Ok(body)) => Response::builder()
+            .header("content-type", protocol::backfill::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response"),
+        Ok(Err(SnapshotError::UnknownTopic)) => text(
+            StatusCode::NOT_FOUND,
+            "no history for this topic here\n".into(),
+        ),
+        Ok(Err(SnapshotError::OtherEpoch(e))) => text(
+            StatusCode::CONFLICT,
+            format!("history here is of epoch {e:016x}\n"),
+        ),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "worker stopping\n".into()),
     }
 }

@@ -57,6 +57,15 @@ pub struct Broadcast {
     deflated: [OnceLock<Bytes>; 7],
 }
 
+impl std::fmt::Debug for Broadcast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broadcast")
+            .field("topic", &self.topic)
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Broadcast {
     /// Encodes a published message as a `message` push (JSON text and its plain frame).
     pub fn new(topic: &str, p: &Published) -> Self {
@@ -70,6 +79,23 @@ impl Broadcast {
             plain: frame::encode(Opcode::Text, false, &json),
             deflated: Default::default(),
         }
+    }
+
+    /// A notice about a topic (gap, reset): any JSON text, sent like a message.
+    pub fn notice(topic: &str, json: String) -> Self {
+        Broadcast {
+            topic: topic.into(),
+            position: None,
+            published_at_us: None,
+            json_len: json.len(),
+            plain: frame::encode(Opcode::Text, false, json.as_bytes()),
+            deflated: Default::default(),
+        }
+    }
+
+    /// Bytes of the encoded message (JSON text and plain frame; compressed variants not counted).
+    pub fn encoded_len(&self) -> usize {
+        self.plain.len()
     }
 
     /// The frame for a connection with `encoding`; deflates at most once per window size.

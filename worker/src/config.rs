@@ -148,9 +148,52 @@ pub struct Config {
     #[arg(long, env = "WORKER_PUBLISHER_RECONNECT_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
     pub publisher_reconnect_max: Duration,
 
+    /// Keep history for matching topics (repeat; the first match applies):
+    /// `PATTERN[,messages=N][,bytes=SIZE][,age=DURATION]`, PATTERN a topic or a prefix ending
+    /// in `*`, e.g. `match.*,messages=500,age=3h`. Defaults: 1000 messages, 8MiB, 24h per topic.
+    /// The worker subscribes to these topics upstream for good, so history is complete whether
+    /// or not a local client is subscribed.
+    #[arg(long = "history", env = "WORKER_HISTORY", value_delimiter = ';')]
+    pub history: Vec<crate::history::Rule>,
+
+    /// Cap on all history together, in bytes; past it the oldest messages of any topic go.
+    #[arg(long, env = "WORKER_HISTORY_MAX_BYTES", default_value = "256MiB",
+          value_parser = parse_size)]
+    pub history_max_bytes: usize,
+
+    /// Most messages replayed for one history request (`last`, or catching up after `since`);
+    /// a resume that missed more is answered `recovered: false, reason: too_many_missed`.
+    #[arg(long, env = "WORKER_MAX_REPLAY", default_value_t = 1000)]
+    pub max_replay: usize,
+
+    /// A peer worker's admin address (`host:port`) to fetch history from (repeat, or
+    /// comma-separate in the environment). Used to fill history after a late start and to
+    /// repair messages lost on the way from a publisher.
+    #[arg(long = "peer", env = "WORKER_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// Time one peer has to answer a history request.
+    #[arg(long, env = "WORKER_PEER_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Time one attempt to fill a hole from peers may take (three attempts are made); live
+    /// messages of the topic wait meanwhile, then a lost range is announced as a gap.
+    #[arg(long, env = "WORKER_REPAIR_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub repair_timeout: Duration,
+
+    /// Most messages of one topic held while a hole before them is being filled; past it the
+    /// hole is declared lost at once.
+    #[arg(long, env = "WORKER_MAX_HELD", default_value_t = 10_000)]
+    pub max_held: usize,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "WORKER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+fn parse_size(text: &str) -> Result<usize, String> {
+    crate::history::rule::parse_bytes(text)
+        .ok_or_else(|| format!("{text:?} is not a size like 256MiB"))
 }
 
 impl Config {

@@ -7,7 +7,7 @@
 //! hand them to the kernel in one vectored write.
 
 use crate::broadcast::Encoding;
-use crate::hub::Subscriber;
+use crate::hub::{Command, Subscriber};
 use crate::outbox::Outgoing;
 use crate::server::Shared;
 use crate::ws::frame::{self, Opcode};
@@ -15,7 +15,9 @@ use crate::ws::handshake::{self, Refusal, Upgrade};
 use crate::ws::reader::{Event, Limits, Reader};
 use crate::ws::{deflate, Violation};
 use bytes::{Bytes, BytesMut};
-use protocol::client::{close, parse_request, Filter, Request, ServerMessage, SUBPROTOCOL};
+use protocol::client::{
+    close, parse_request, ErrorCode, Filter, Request, RequestError, ServerMessage, SUBPROTOCOL,
+};
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -111,6 +113,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
         pending: VecDeque::new(),
         head_written: 0,
         filters: HashSet::new(),
+        commands: Vec::new(),
         consecutive_errors: 0,
         closing: Closing::Open,
     };
@@ -126,9 +129,14 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
 
     // 4. Unregister.
     sub.outbox.close();
-    for filter in &conn.filters {
-        shared.hub.unsubscribe(id, filter);
-    }
+    let filters = conn.filters.drain().collect();
+    let _ = shared
+        .hub
+        .send(Command::Disconnected {
+            sub_id: id,
+            filters,
+        })
+        .await;
     shared.connections.lock().remove(&id);
     shared.metrics.connections.dec();
     let label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
@@ -220,6 +228,8 @@ struct Connection {
     pending: VecDeque<Outgoing>,
     head_written: usize,
     filters: HashSet<Filter>,
+    /// Requests for the hub, sent once the current input is processed.
+    commands: Vec<Command>,
     consecutive_errors: u32,
     closing: Closing,
 }
@@ -240,6 +250,10 @@ impl Connection {
             awaiting_pong = None;
         }
         loop {
+            // Hand requests to the hub; a full hub queue pauses this connection's reading.
+            for command in self.commands.drain(..) {
+                let _ = self.shared.hub.send(command).await;
+            }
             // New frames and signals from fan-out and drain.
             let signals = self.sub.outbox.take(&mut self.pending);
             if self.closing == Closing::Open {
@@ -404,42 +418,67 @@ impl Connection {
         };
         self.consecutive_errors = 0;
         match request {
-            Request::Subscribe { id, filter, .. } => {
-                if !self.filters.contains(&filter) {
-                    if self.filters.len() >= cfg.max_subscriptions {
-                        let e = protocol::client::RequestError {
+            Request::Subscribe {
+                id,
+                filter,
+                history,
+            } => {
+                if self.filters.contains(&filter) {
+                    if history.is_some() {
+                        let e = RequestError {
                             id,
-                            code: protocol::client::ErrorCode::TooManySubscriptions,
+                            code: ErrorCode::AlreadySubscribed,
                             message: format!(
-                                "connection holds {} subscriptions; max_subscriptions is {}",
-                                self.filters.len(),
-                                cfg.max_subscriptions
+                                "already subscribed to {:?}; unsubscribe before asking for its history",
+                                filter.text()
                             ),
                         };
                         return self.request_failed(&e);
                     }
-                    self.shared.hub.subscribe(&self.sub, &filter);
-                    self.filters.insert(filter.clone());
+                    // Idempotent: acknowledged again.
+                    return self.reply(&ServerMessage::ack(id, "subscribe", Some(&filter)));
                 }
-                self.reply(&ServerMessage::ack(id, "subscribe", Some(&filter)));
+                if self.filters.len() >= cfg.max_subscriptions {
+                    let e = RequestError {
+                        id,
+                        code: ErrorCode::TooManySubscriptions,
+                        message: format!(
+                            "connection holds {} subscriptions; max_subscriptions is {}",
+                            self.filters.len(),
+                            cfg.max_subscriptions
+                        ),
+                    };
+                    return self.request_failed(&e);
+                }
+                self.filters.insert(filter.clone());
+                // The hub acknowledges, after any history, in stream order.
+                self.commands.push(Command::Subscribe {
+                    sub: self.sub.clone(),
+                    id,
+                    filter,
+                    history,
+                });
             }
             Request::Unsubscribe { id, filter } => {
                 if !self.filters.remove(&filter) {
-                    let e = protocol::client::RequestError {
+                    let e = RequestError {
                         id,
-                        code: protocol::client::ErrorCode::NotSubscribed,
+                        code: ErrorCode::NotSubscribed,
                         message: format!("not subscribed to {:?}", filter.text()),
                     };
                     return self.request_failed(&e);
                 }
-                self.shared.hub.unsubscribe(self.sub.id, &filter);
-                self.reply(&ServerMessage::ack(id, "unsubscribe", Some(&filter)));
+                self.commands.push(Command::Unsubscribe {
+                    sub: self.sub.clone(),
+                    id,
+                    filter,
+                });
             }
             Request::Ping { id } => self.reply(&ServerMessage::Pong { id }),
         }
     }
 
-    fn request_failed(&mut self, e: &protocol::client::RequestError) {
+    fn request_failed(&mut self, e: &RequestError) {
         self.shared
             .metrics
             .client_errors

@@ -1,22 +1,40 @@
-//! Who is subscribed to what, and fan-out. The dispatcher task takes each published message
-//! from the upstream queue, encodes it once ([`Broadcast`]) and pushes the shared frame into
-//! the outbox of every matching connection. Subscription changes update the upstream
-//! [`Interest`] and publish the wanted set on a watch channel that the ZeroMQ side follows.
+//! Who is subscribed to what, history, and fan-out — all owned by one dispatcher task.
 //!
-//! Fan-out runs on one task, so a connection subscribed through two filters that both match
-//! gets the message once (checked with the message's sequence number).
+//! ```text
+//!  upstream (Inbound) ──┐
+//!  connections (Command)┼─▶ Hub (one task) ── history::Streams: order, dedup, holes, history
+//!  peer fetch results ──┤        │ fan-out: encode once, push the shared frame into outboxes
+//!  tick (250 ms) ───────┘        └─ Fetch effects ─▶ peers::fetch (spawned) ─▶ results
+//! ```
+//!
+//! Because messages, subscriptions and history requests are handled one at a time by the same
+//! task, a history reply is race-free by construction: the ack, the replayed messages and then
+//! the live ones enter the connection's outbox in stream order, with nothing between them and
+//! nothing twice. A topic that is catching up (a fetch from a peer under way) holds its live
+//! messages and parks history requests until it settles.
+//!
+//! A connection subscribed through two filters that both match gets a message once (checked
+//! with the message's sequence number).
 
 use crate::broadcast::{Broadcast, Compression, Encoding};
+use crate::history::{Effect, Entry, Replay, SnapshotError, Streams};
 use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing, Push};
-use parking_lot::RwLock;
-use protocol::client::Filter;
-use protocol::publish::Published;
-use std::collections::{BTreeSet, HashMap};
+use crate::peers::Peers;
+use crate::ws::frame::{self, Opcode};
+use protocol::client::{Filter, HistoryRequest, ServerMessage};
+use protocol::publish::{Inbound, Published};
+use protocol::Position;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How often fetch deadlines, parked requests and history ages are looked at.
+const TICK: Duration = Duration::from_millis(250);
 
 /// What fan-out needs to know about a connection.
 pub struct Subscriber {
@@ -40,6 +58,75 @@ impl Subscriber {
             last_seq: AtomicU64::new(0),
         }
     }
+
+    /// Queues a frame of this connection's own (ack, error, notice).
+    pub fn send(&self, message: &ServerMessage) {
+        let frame = frame::encode(Opcode::Text, false, message.to_json().as_bytes());
+        let _ = self.outbox.push(Outgoing {
+            frame,
+            published_at_us: None,
+        });
+    }
+}
+
+/// What connections and the admin port ask of the hub.
+pub enum Command {
+    /// Add a subscription (the connection checked its limits) and acknowledge it.
+    Subscribe {
+        /// The connection.
+        sub: Arc<Subscriber>,
+        /// Request id for the ack.
+        id: Option<u64>,
+        /// What to receive.
+        filter: Filter,
+        /// History to send first (topic filters only).
+        history: Option<HistoryRequest>,
+    },
+    /// Remove a subscription and acknowledge it.
+    Unsubscribe {
+        /// The connection.
+        sub: Arc<Subscriber>,
+        /// Request id for the ack.
+        id: Option<u64>,
+        /// The filter given to subscribe.
+        filter: Filter,
+    },
+    /// The connection is gone: drop all it held.
+    Disconnected {
+        /// Its id.
+        sub_id: u64,
+        /// Everything it had subscribed to.
+        filters: Vec<Filter>,
+    },
+    /// A peer worker asks for a topic's history (admin `GET /history`).
+    PeerHistory {
+        /// The topic.
+        topic: String,
+        /// Only this epoch.
+        epoch: Option<u64>,
+        /// From this offset.
+        from: Option<u64>,
+        /// Most messages.
+        limit: usize,
+        /// The body, or why not.
+        reply: oneshot::Sender<Result<Vec<u8>, SnapshotError>>,
+    },
+}
+
+/// A peer's answer to a fetch, back in the dispatcher.
+pub struct Fetched {
+    topic: Arc<str>,
+    id: u64,
+    messages: Vec<Published>,
+}
+
+/// A history request waiting for its topic to settle.
+struct Parked {
+    sub: Arc<Subscriber>,
+    id: Option<u64>,
+    topic: Arc<str>,
+    request: HistoryRequest,
+    deadline: Instant,
 }
 
 #[derive(Default)]
@@ -58,25 +145,55 @@ impl Registry {
     }
 }
 
-/// The subscription registry and fan-out.
+/// The registry, the streams and fan-out. Owned by the dispatcher task ([`run`]).
 pub struct Hub {
-    registry: RwLock<Registry>,
+    registry: Registry,
     wanted: watch::Sender<Arc<BTreeSet<String>>>,
     metrics: Arc<Metrics>,
     compression: Compression,
-    seq: AtomicU64,
+    seq: u64,
+    streams: Streams,
+    parked: Vec<Parked>,
+    effects: VecDeque<Effect>,
+    /// How long a history request may wait for its topic to settle.
+    park_timeout: Duration,
+    peers: Peers,
+    fetched_tx: mpsc::UnboundedSender<Fetched>,
+    fetched_rx: Option<mpsc::UnboundedReceiver<Fetched>>,
 }
 
 impl Hub {
-    /// An empty hub.
-    pub fn new(metrics: Arc<Metrics>, compression: Compression) -> Self {
-        Hub {
-            registry: RwLock::new(Registry::default()),
-            wanted: watch::Sender::new(Arc::new(BTreeSet::new())),
+    /// An empty hub; the worker subscribes upstream for good to what `streams` keeps history of.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        compression: Compression,
+        streams: Streams,
+        peers: Peers,
+        park_timeout: Duration,
+    ) -> Self {
+        let (fetched_tx, fetched_rx) = mpsc::unbounded_channel();
+        let mut registry = Registry::default();
+        for prefix in streams.upstream_prefixes() {
+            registry.interest.add(&prefix);
+        }
+        let hub = Hub {
+            wanted: watch::Sender::new(Arc::new(registry.interest.wanted())),
+            registry,
             metrics,
             compression,
-            seq: AtomicU64::new(0),
-        }
+            seq: 0,
+            streams,
+            parked: Vec::new(),
+            effects: VecDeque::new(),
+            park_timeout,
+            peers,
+            fetched_tx,
+            fetched_rx: Some(fetched_rx),
+        };
+        hub.metrics
+            .upstream_subscriptions
+            .set(hub.wanted.borrow().len() as i64);
+        hub
     }
 
     /// Follows the set of ZeroMQ subscription strings the worker needs.
@@ -84,53 +201,289 @@ impl Hub {
         self.wanted.subscribe()
     }
 
-    /// Adds a subscription; the caller has checked it is not held yet.
-    pub fn subscribe(&self, sub: &Arc<Subscriber>, filter: &Filter) {
-        let mut r = self.registry.write();
-        r.map(filter)
-            .entry(filter.text().into())
-            .or_default()
-            .push(sub.clone());
+    /// Handles one message or position check from a publisher.
+    pub fn inbound(&mut self, inbound: Inbound, now: Instant) {
+        match inbound {
+            Inbound::Message(p) => {
+                // The upstream side validated the topic as UTF-8.
+                let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                    return;
+                };
+                if p.position.is_some() && self.streams.rule_for(topic).is_some() {
+                    let entry = Entry {
+                        message: Arc::new(Broadcast::new(topic, &p)),
+                        payload: p.payload.clone(),
+                        received_at: now,
+                        live: true,
+                    };
+                    let mut out = Vec::new();
+                    self.streams.offer(topic, entry, now, &mut out);
+                    self.effects.extend(out);
+                } else if self.has_subscribers(topic) {
+                    self.fan_out(&Broadcast::new(topic, &p));
+                }
+            }
+            Inbound::Check { topic, position } => {
+                let Ok(topic) = std::str::from_utf8(&topic) else {
+                    return;
+                };
+                let mut out = Vec::new();
+                self.streams.check(topic, position, now, &mut out);
+                self.effects.extend(out);
+            }
+        }
+        self.run_effects(now);
+    }
+
+    /// Handles one request from a connection or the admin port.
+    pub fn command(&mut self, command: Command, now: Instant) {
+        match command {
+            Command::Subscribe {
+                sub,
+                id,
+                filter,
+                history: None,
+            } => {
+                self.register(&sub, &filter);
+                sub.send(&ServerMessage::ack(id, "subscribe", Some(&filter)));
+            }
+            Command::Subscribe {
+                sub,
+                id,
+                filter,
+                history: Some(request),
+            } => {
+                let parked = Parked {
+                    sub,
+                    id,
+                    topic: filter.text().into(),
+                    request,
+                    deadline: now + self.park_timeout,
+                };
+                self.answer_history(parked, false, now);
+            }
+            Command::Unsubscribe { sub, id, filter } => {
+                self.unregister(sub.id, &filter);
+                self.parked
+                    .retain(|p| !(p.sub.id == sub.id && *p.topic == *filter.text()));
+                sub.send(&ServerMessage::ack(id, "unsubscribe", Some(&filter)));
+            }
+            Command::Disconnected { sub_id, filters } => {
+                for f in &filters {
+                    self.unregister(sub_id, f);
+                }
+                self.parked.retain(|p| p.sub.id != sub_id);
+            }
+            Command::PeerHistory {
+                topic,
+                epoch,
+                from,
+                limit,
+                reply,
+            } => {
+                let mut body = Vec::new();
+                protocol::backfill::begin(&mut body);
+                let result = self
+                    .streams
+                    .snapshot(&topic, epoch, from, limit, &mut body)
+                    .map(|_| body);
+                let label = match &result {
+                    Ok(_) => "ok",
+                    Err(SnapshotError::UnknownTopic) => "unknown_topic",
+                    Err(SnapshotError::OtherEpoch(_)) => "other_epoch",
+                };
+                self.metrics.peer_served.with_label_values(&[label]).inc();
+                let _ = reply.send(result);
+            }
+        }
+        self.run_effects(now);
+    }
+
+    /// A peer fetch finished.
+    pub fn fetched(&mut self, f: Fetched, now: Instant) {
+        let entries = f
+            .messages
+            .into_iter()
+            .filter(|p| *p.topic == *f.topic.as_bytes())
+            .map(|p| Entry {
+                message: Arc::new(Broadcast::new(&f.topic, &p)),
+                payload: p.payload,
+                received_at: now,
+                live: false,
+            })
+            .collect();
+        let mut out = Vec::new();
+        self.streams.fetched(&f.topic, f.id, entries, now, &mut out);
+        self.effects.extend(out);
+        self.run_effects(now);
+    }
+
+    /// Periodic work: fetch deadlines, parked requests, history ages.
+    pub fn tick(&mut self, now: Instant) {
+        let mut out = Vec::new();
+        self.streams.tick(now, &mut out);
+        self.effects.extend(out);
+        self.run_effects(now);
+        // Requests past their deadline are answered with what there is; others are retried
+        // (a worker that was behind the client's position may have caught up).
+        for p in std::mem::take(&mut self.parked) {
+            let last_chance = p.deadline <= now;
+            self.answer_history(p, last_chance, now);
+        }
+        self.run_effects(now);
+    }
+
+    /// Answers a history request now, or parks it until its topic settles.
+    fn answer_history(&mut self, p: Parked, last_chance: bool, now: Instant) {
+        let mut out = Vec::new();
+        let replay = self
+            .streams
+            .replay(&p.topic, p.request, last_chance, now, &mut out);
+        self.effects.extend(out);
+        let (reply, messages) = match replay {
+            Replay::Wait => return self.parked.push(p),
+            Replay::Ready { reply, messages } => (reply, messages),
+        };
+        let outcome = match (&reply.recovered, &reply.reason) {
+            (Some(true), _) => "recovered",
+            (_, Some(reason)) => reason.as_str(),
+            _ => "last",
+        };
+        self.metrics
+            .history_requests
+            .with_label_values(&[outcome])
+            .inc();
+        self.metrics.replayed_messages.inc_by(messages.len() as u64);
+        let filter = Filter::Topic(p.topic.to_string());
+        self.register(&p.sub, &filter);
+        p.sub.send(&ServerMessage::Ack {
+            id: p.id,
+            op: "subscribe".into(),
+            topic: Some(p.topic.to_string()),
+            prefix: None,
+            history: Some(reply),
+        });
+        for m in messages {
+            let frame = m.frame(p.sub.encoding, &self.compression, &self.metrics);
+            let pushed = p.sub.outbox.push(Outgoing {
+                frame,
+                published_at_us: None,
+            });
+            if pushed != Push::Queued {
+                break; // overflowed (the connection closes with 4001) or gone
+            }
+        }
+    }
+
+    /// Carries out effects from the streams, in order, until none are left.
+    fn run_effects(&mut self, now: Instant) {
+        while let Some(effect) = self.effects.pop_front() {
+            match effect {
+                Effect::Deliver(message) => {
+                    self.fan_out(&message);
+                }
+                Effect::Gap {
+                    topic,
+                    epoch,
+                    from,
+                    to,
+                } => {
+                    tracing::warn!(%topic, epoch = %format_args!("{epoch:016x}"), from, to, "messages lost; clients told");
+                    let notice = ServerMessage::Gap {
+                        topic: topic.to_string(),
+                        epoch: Position { epoch, offset: 0 }.epoch_hex().to_string(),
+                        from,
+                        to,
+                    };
+                    self.fan_out(&Broadcast::notice(&topic, notice.to_json()));
+                }
+                Effect::Reset { topic, epoch } => {
+                    tracing::info!(%topic, epoch = %format_args!("{epoch:016x}"), "stream restarted with a new epoch");
+                    let notice = ServerMessage::Reset {
+                        topic: topic.to_string(),
+                        epoch: Position { epoch, offset: 0 }.epoch_hex().to_string(),
+                    };
+                    self.fan_out(&Broadcast::notice(&topic, notice.to_json()));
+                }
+                Effect::Fetch(request) => {
+                    let peers = self.peers.clone();
+                    let tx = self.fetched_tx.clone();
+                    let metrics = self.metrics.clone();
+                    tokio::spawn(async move {
+                        let messages = peers.fetch(&request, &metrics).await;
+                        let _ = tx.send(Fetched {
+                            topic: request.topic,
+                            id: request.id,
+                            messages,
+                        });
+                    });
+                }
+                Effect::Settled(topic) => {
+                    let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+                        .into_iter()
+                        .partition(|p| p.topic == topic);
+                    self.parked = waiting;
+                    for p in ready {
+                        self.answer_history(p, false, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn has_subscribers(&self, topic: &str) -> bool {
+        self.registry.topics.contains_key(topic) || !self.registry.prefixes.is_empty()
+    }
+
+    fn register(&mut self, sub: &Arc<Subscriber>, filter: &Filter) {
+        let r = &mut self.registry;
+        let subs = r.map(filter).entry(filter.text().into()).or_default();
+        if subs.iter().any(|s| s.id == sub.id) {
+            return;
+        }
+        subs.push(sub.clone());
         if r.interest.add(filter.text()) {
-            self.publish_wanted(&r);
+            self.publish_wanted();
         }
         self.metrics.subscriptions.inc();
     }
 
-    /// Removes a subscription the connection holds.
-    pub fn unsubscribe(&self, sub_id: u64, filter: &Filter) {
-        let mut r = self.registry.write();
+    fn unregister(&mut self, sub_id: u64, filter: &Filter) {
+        let r = &mut self.registry;
         let map = r.map(filter);
-        if let Some(subs) = map.get_mut(filter.text()) {
-            if let Some(i) = subs.iter().position(|s| s.id == sub_id) {
-                subs.swap_remove(i);
-                self.metrics.subscriptions.dec();
-            }
-            if subs.is_empty() {
-                map.remove(filter.text());
-            }
+        let Some(subs) = map.get_mut(filter.text()) else {
+            return;
+        };
+        let Some(i) = subs.iter().position(|s| s.id == sub_id) else {
+            return;
+        };
+        subs.swap_remove(i);
+        if subs.is_empty() {
+            map.remove(filter.text());
         }
+        self.metrics.subscriptions.dec();
         if r.interest.remove(filter.text()) {
-            self.publish_wanted(&r);
+            self.publish_wanted();
         }
     }
 
-    fn publish_wanted(&self, r: &Registry) {
-        let wanted = r.interest.wanted();
+    fn publish_wanted(&self) {
+        let wanted = self.registry.interest.wanted();
         self.metrics.upstream_subscriptions.set(wanted.len() as i64);
         self.wanted.send_replace(Arc::new(wanted));
     }
 
-    /// Queues one published message to every matching subscriber; returns the deliveries.
-    pub fn dispatch(&self, topic: &str, published: &Published) -> usize {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let r = self.registry.read();
+    /// Queues one message to every matching subscriber; returns the deliveries.
+    pub fn fan_out(&mut self, message: &Broadcast) -> usize {
+        self.seq += 1;
+        let seq = self.seq;
+        let topic: &str = &message.topic;
+        let r = &self.registry;
         let exact = r.topics.get(topic);
         let has_prefixes = !r.prefixes.is_empty();
         if exact.is_none() && !has_prefixes {
             return 0;
         }
-        let message = Broadcast::new(topic, published);
         let mut delivered = 0;
         let mut deliver = |subs: &Vec<Arc<Subscriber>>| {
             for s in subs {
@@ -170,126 +523,31 @@ impl Hub {
     }
 }
 
-/// Runs fan-out: takes messages from the upstream queue until every sender is gone.
-pub async fn run_dispatcher(hub: Arc<Hub>, mut rx: mpsc::Receiver<protocol::publish::Inbound>) {
-    while let Some(p) = rx.recv().await {
-        let protocol::publish::Inbound::Message(p) = p else {
-            continue;
-        };
-        // The upstream side validated the topic as UTF-8.
-        if let Ok(topic) = std::str::from_utf8(&p.topic) {
-            hub.dispatch(topic, &p);
+/// Runs the hub until `stop`: messages from publishers, commands from connections, peer
+/// fetch results and the tick, one at a time.
+pub async fn run(
+    mut hub: Hub,
+    mut upstream: mpsc::Receiver<Inbound>,
+    mut commands: mpsc::Receiver<Command>,
+    stop: CancellationToken,
+) {
+    let mut fetched = hub.fetched_rx.take().expect("run once");
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut upstream_open = true;
+    loop {
+        tokio::select! {
+            m = upstream.recv(), if upstream_open => match m {
+                Some(m) => hub.inbound(m, Instant::now()),
+                None => upstream_open = false,
+            },
+            Some(c) = commands.recv() => hub.command(c, Instant::now()),
+            Some(f) = fetched.recv() => hub.fetched(f, Instant::now()),
+            _ = tick.tick() => hub.tick(Instant::now()),
+            _ = stop.cancelled() => return,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-    use std::collections::VecDeque;
-
-    fn hub() -> Hub {
-        Hub::new(
-            Arc::new(Metrics::new("t")),
-            Compression {
-                min_bytes: 0,
-                level: 6,
-            },
-        )
-    }
-
-    fn msg(topic: &str) -> Published {
-        Published {
-            topic: Bytes::copy_from_slice(topic.as_bytes()),
-            position: None,
-            published_at_us: None,
-            payload: Bytes::from_static(b"{\"x\":1}"),
-        }
-    }
-
-    fn sub(id: u64, enc: Encoding) -> Arc<Subscriber> {
-        Arc::new(Subscriber::new(id, enc, 1 << 20))
-    }
-
-    fn drain(s: &Subscriber) -> usize {
-        let mut q = VecDeque::new();
-        s.outbox.take(&mut q);
-        q.len()
-    }
-
-    #[test]
-    fn exact_and_prefix_filters_match_and_overlap_delivers_once() {
-        let h = hub();
-        let a = sub(1, Encoding::Plain);
-        let b = sub(2, Encoding::Plain);
-        h.subscribe(&a, &Filter::Topic("m.1".into()));
-        h.subscribe(&a, &Filter::Prefix("m.".into()));
-        h.subscribe(&b, &Filter::Prefix("m.1".into()));
-        assert_eq!(h.dispatch("m.1", &msg("m.1")), 2);
-        assert_eq!(drain(&a), 1, "two matching filters, one delivery");
-        assert_eq!(drain(&b), 1);
-        assert_eq!(h.dispatch("m.10", &msg("m.10")), 2);
-        assert_eq!(h.dispatch("n.1", &msg("n.1")), 0);
-        h.unsubscribe(2, &Filter::Prefix("m.1".into()));
-        assert_eq!(h.dispatch("m.10", &msg("m.10")), 1);
-    }
-
-    #[test]
-    fn wanted_set_follows_first_and_last_subscriber() {
-        let h = hub();
-        let w = h.wanted();
-        let (a, b) = (sub(1, Encoding::Plain), sub(2, Encoding::Plain));
-        let t = Filter::Topic("x".into());
-        h.subscribe(&a, &t);
-        h.subscribe(&b, &t);
-        assert_eq!(w.borrow().iter().collect::<Vec<_>>(), vec!["x"]);
-        h.unsubscribe(1, &t);
-        assert_eq!(w.borrow().len(), 1, "one subscriber left");
-        h.unsubscribe(2, &t);
-        assert!(w.borrow().is_empty());
-    }
-
-    #[test]
-    fn compresses_once_whatever_the_subscriber_count() {
-        let h = hub();
-        let subs: Vec<_> = (0..500).map(|i| sub(i, Encoding::deflate(15))).collect();
-        for s in &subs {
-            h.subscribe(s, &Filter::Topic("hot".into()));
-        }
-        let plain = sub(999, Encoding::Plain);
-        h.subscribe(&plain, &Filter::Topic("hot".into()));
-        for _ in 0..3 {
-            assert_eq!(h.dispatch("hot", &msg("hot")), 501);
-        }
-        assert_eq!(
-            h.metrics.deflate_operations.get(),
-            3,
-            "one deflate per message"
-        );
-        assert_eq!(h.metrics.fanout_deliveries.get(), 1503);
-    }
-
-    #[test]
-    fn a_full_outbox_is_overflowed_and_others_still_get_messages() {
-        let h = hub();
-        let tiny = Arc::new(Subscriber::new(1, Encoding::Plain, 40));
-        let fine = sub(2, Encoding::Plain);
-        for s in [&tiny, &fine] {
-            h.subscribe(s, &Filter::Topic("t".into()));
-        }
-        for _ in 0..5 {
-            h.dispatch("t", &msg("t"));
-        }
-        let mut q = VecDeque::new();
-        assert!(tiny.outbox.take(&mut q).overflowed);
-        assert_eq!(drain(&fine), 5);
-        assert!(
-            h.metrics
-                .dropped
-                .with_label_values(&["slow_consumer"])
-                .get()
-                >= 1
-        );
-    }
-}
+mod tests;

@@ -62,6 +62,30 @@ pub struct Metrics {
     pub publish_to_socket: Histogram,
     /// 1 while draining.
     pub draining: IntGauge,
+    /// Messages kept in history, all topics.
+    pub history_messages: IntGauge,
+    /// Bytes kept in history, all topics.
+    pub history_bytes: IntGauge,
+    /// Topics with a stream (history or order tracking).
+    pub history_topics: IntGauge,
+    /// Messages dropped from history, by limit (messages, bytes, age, memory_cap).
+    pub history_evicted: IntCounterVec,
+    /// Stream events: duplicate, stale_epoch, gap (detected), lost (declared), reset, filled.
+    pub stream_events: IntCounterVec,
+    /// Holes handled by fetching from peers, by result (ok, failed).
+    pub stream_repairs: IntCounterVec,
+    /// Messages obtained from peers to fill holes.
+    pub stream_repaired_messages: IntCounter,
+    /// Messages declared lost (announced to clients as gaps).
+    pub stream_lost_messages: IntCounter,
+    /// History fetches from peers, by result (ok, not_found, error, timeout).
+    pub peer_fetches: IntCounterVec,
+    /// History requests from peers served on the admin port, by result.
+    pub peer_served: IntCounterVec,
+    /// Client history requests answered, by outcome (recovered, last, or the not-recovered reason).
+    pub history_requests: IntCounterVec,
+    /// Messages replayed to clients from history.
+    pub replayed_messages: IntCounter,
 }
 
 impl Metrics {
@@ -209,6 +233,57 @@ impl Metrics {
             ),
             publish_to_socket,
             draining: gauge("worker_draining", "1 while the worker drains its clients"),
+            history_messages: gauge(
+                "worker_history_messages",
+                "Messages kept in history, all topics",
+            ),
+            history_bytes: gauge("worker_history_bytes", "Bytes kept in history, all topics"),
+            history_topics: gauge(
+                "worker_history_topics",
+                "Topics whose stream the worker tracks",
+            ),
+            history_evicted: counter_vec(
+                "worker_history_evicted_total",
+                "Messages dropped from history, by limit",
+                &["reason"],
+            ),
+            stream_events: counter_vec(
+                "worker_stream_events_total",
+                "Stream order events: duplicate, stale_epoch, gap, lost, reset, filled",
+                &["event"],
+            ),
+            stream_repairs: counter_vec(
+                "worker_stream_repairs_total",
+                "Holes in a topic's stream handled by fetching from peers, by result",
+                &["result"],
+            ),
+            stream_repaired_messages: counter(
+                "worker_stream_repaired_messages_total",
+                "Messages obtained from peers to fill holes",
+            ),
+            stream_lost_messages: counter(
+                "worker_stream_lost_messages_total",
+                "Messages declared lost and announced to clients as gaps",
+            ),
+            peer_fetches: counter_vec(
+                "worker_peer_fetches_total",
+                "History fetches from peer workers, by result",
+                &["result"],
+            ),
+            peer_served: counter_vec(
+                "worker_peer_history_served_total",
+                "History requests from peer workers answered, by result",
+                &["result"],
+            ),
+            history_requests: counter_vec(
+                "worker_history_requests_total",
+                "Client history requests, by outcome",
+                &["outcome"],
+            ),
+            replayed_messages: counter(
+                "worker_replayed_messages_total",
+                "Messages replayed to clients from history",
+            ),
             registry,
         }
     }

@@ -3,8 +3,10 @@
 
 use crate::broadcast::Compression;
 use crate::config::Config;
-use crate::hub::{self, Hub, Subscriber};
+use crate::history::{self, Streams};
+use crate::hub::{self, Command, Hub, Subscriber};
 use crate::metrics::Metrics;
+use crate::peers::Peers;
 use crate::upstream::{self, EndpointSettings, ZmqSub};
 use crate::{admin, conn, drain};
 use parking_lot::Mutex;
@@ -21,6 +23,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Bound of the queue of requests from connections to the hub; a connection whose request
+/// finds it full waits (and stops reading) until there is room.
+const HUB_QUEUE: usize = 8192;
 
 /// Why a worker could not start.
 #[derive(Debug, Error)]
@@ -51,8 +57,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// This worker's name.
     pub worker_id: String,
-    /// Subscriptions and fan-out.
-    pub hub: Arc<Hub>,
+    /// Requests to the hub (subscriptions, history, peers' history requests).
+    pub hub: mpsc::Sender<Command>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Live connections by id (for draining).
@@ -116,12 +122,32 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         min_bytes: config.compression_min_bytes,
         level: config.compression_level,
     };
-    let hub = Arc::new(Hub::new(metrics.clone(), compression));
+    let peers = Peers::new(
+        config.peers.clone(),
+        config.peer_timeout,
+        config.max_topic_bytes,
+    );
+    let streams = Streams::new(
+        history::Settings {
+            rules: config.history.clone(),
+            max_total_bytes: config.history_max_bytes,
+            max_replay: config.max_replay,
+            repair_timeout: config.repair_timeout,
+            max_held: config.max_held,
+            has_peers: !peers.is_empty(),
+        },
+        metrics.clone(),
+    );
+    // A history request waits for at most every fetch attempt of its topic, plus a margin.
+    let park_timeout = (config.repair_timeout + Duration::from_millis(200)) * 3;
+    let hub = Hub::new(metrics.clone(), compression, streams, peers, park_timeout);
+    let wanted = hub.wanted();
+    let (hub_tx, hub_rx) = mpsc::channel(HUB_QUEUE);
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         config: config.clone(),
         worker_id: worker_id.clone(),
-        hub: hub.clone(),
+        hub: hub_tx,
         metrics: metrics.clone(),
         connections: Mutex::new(HashMap::new()),
         next_connection_id: AtomicU64::new(0),
@@ -131,13 +157,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     tracing::info!(
         worker = %worker_id, ws = %ws_addr, admin = %admin_addr,
         publishers = ?config.publishers, echo = ?config.echo_path,
+        history = ?config.history.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        peers = ?config.peers,
         "worker listening"
     );
 
     // Fan-out and the publisher side. They stop when `stop` is cancelled at the very end.
     let stop = CancellationToken::new();
     let (tx, rx) = mpsc::channel(config.upstream_queue.max(1));
-    let dispatcher = tokio::spawn(hub::run_dispatcher(hub.clone(), rx));
+    let dispatcher = tokio::spawn(hub::run(hub, rx, hub_rx, stop.clone()));
     let settings = EndpointSettings {
         max_topic_bytes: config.max_topic_bytes,
         max_publish_bytes: config.max_publish_bytes,
@@ -150,7 +178,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         tokio::spawn(upstream::run_endpoint(
             endpoint.clone(),
             move || ZmqSub::new(connect_timeout),
-            hub.wanted(),
+            wanted.clone(),
             tx.clone(),
             metrics.clone(),
             settings.clone(),

@@ -1,0 +1,826 @@
+//! Per-topic history and stream order. Pure logic: no sockets, no clock of its own (`now` is
+//! passed in); the hub calls it from its single dispatcher task and carries out the
+//! [`Effect`]s it returns (fan-out, notices, fetches from peers).
+//!
+//! For each topic covered by a history [`Rule`] the worker keeps a [`Stream`]: the epoch, the
+//! contiguous run of recent messages (the history), and `next`, the offset expected next.
+//!
+//! ```text
+//!  offer(offset == next) ──▶ append + Deliver                       (the fast path)
+//!  offer(offset <  next) ──▶ duplicate, dropped
+//!  offer(offset >  next) ──▶ held; Fetch the hole from a peer ──▶ fetched(): merge by offset,
+//!                             Deliver in order; a hole nobody has ──▶ Gap notice, history restarts
+//!  check(last >= next)   ──▶ same as a hole (the topic's last message was lost)
+//!  new epoch             ──▶ Reset notice, history restarts
+//!  first sight, offset>0 ──▶ filling: Fetch the peer's history, merge with what arrives live
+//! ```
+//!
+//! While a topic waits for a fetch, its live messages are held (for at most `repair_timeout`
+//! per attempt) so that every subscriber sees the stream in order, and history requests for it
+//! wait too: a reply is always a contiguous run followed by live messages, never a partial
+//! or duplicated replay.
+
+pub mod merge;
+pub mod rule;
+
+use crate::broadcast::Broadcast;
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use merge::{first_hole, take_contiguous, Offset};
+use protocol::client::{HistoryReply, HistoryRequest, NotRecovered};
+use protocol::position::JsonPosition;
+use protocol::Position;
+pub use rule::{Pattern, Rule};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Fetch attempts for one hole before it is declared lost; later attempts wait a little so a
+/// peer that was only slightly behind has caught up.
+const FETCH_ATTEMPTS: u32 = 3;
+/// Epochs of a topic remembered as finished: their late messages are stale, not a new reset.
+const RETIRED_EPOCHS: usize = 4;
+/// When the memory cap is passed, evict down to this share of it so eviction runs in batches.
+const EVICT_TO_PERCENT: usize = 90;
+
+/// A positioned message kept (or held) for a topic.
+#[derive(Clone)]
+pub struct Entry {
+    /// The encoded message, shared with fan-out.
+    pub message: Arc<Broadcast>,
+    /// The payload as published (handed to peers).
+    pub payload: Bytes,
+    /// When it reached this worker (for `max_age`).
+    pub received_at: Instant,
+    /// It arrived from the publisher (not from a peer's history).
+    pub live: bool,
+}
+
+impl Entry {
+    fn position(&self) -> Position {
+        self.message
+            .position
+            .expect("history entries have positions")
+    }
+
+    fn bytes(&self) -> usize {
+        self.message.encoded_len() + self.payload.len()
+    }
+}
+
+impl Offset for Entry {
+    fn offset(&self) -> u64 {
+        self.position().offset
+    }
+}
+
+/// What the history needs to know beyond the rules.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// History rules; the first that matches a topic applies.
+    pub rules: Vec<Rule>,
+    /// Cap on all history bytes together; the oldest messages across topics go first.
+    pub max_total_bytes: usize,
+    /// Most messages one history request replays.
+    pub max_replay: usize,
+    /// How long one fetch attempt may take before it counts as failed.
+    pub repair_timeout: Duration,
+    /// Most messages held per topic while waiting for a hole to be filled; past it the hole
+    /// is declared lost at once.
+    pub max_held: usize,
+    /// Whether there are peers to fetch from at all.
+    pub has_peers: bool,
+}
+
+/// A request for history from peers, carried out by the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Identifies the attempt; a reply for an older attempt is ignored.
+    pub id: u64,
+    /// The topic.
+    pub topic: Arc<str>,
+    /// Only messages of this epoch (None: whatever the peer has).
+    pub epoch: Option<u64>,
+    /// From this offset on (None: the peer's latest `limit` messages).
+    pub from: Option<u64>,
+    /// Most messages wanted.
+    pub limit: usize,
+    /// Wait this long before asking (later attempts).
+    pub delay: Duration,
+}
+
+/// What the hub must do, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Fan this message out to the topic's subscribers.
+    Deliver(Arc<Broadcast>),
+    /// Tell the topic's subscribers that offsets `from..=to` of `epoch` are lost.
+    Gap {
+        /// The topic.
+        topic: Arc<str>,
+        /// The epoch.
+        epoch: u64,
+        /// First lost offset.
+        from: u64,
+        /// Last lost offset.
+        to: u64,
+    },
+    /// Tell the topic's subscribers that the stream restarted with `epoch`.
+    Reset {
+        /// The topic.
+        topic: Arc<str>,
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// Ask peers for history; answer with [`Streams::fetched`].
+    Fetch(FetchRequest),
+    /// The topic is in order again: history requests waiting for it can be answered.
+    Settled(Arc<str>),
+}
+
+/// The answer to a history request.
+pub enum Replay {
+    /// The topic is catching up (a fetch is under way): ask again when it settles.
+    Wait,
+    /// Send the ack with `reply`, then these messages, then live ones.
+    Ready {
+        /// The ack's `history` field.
+        reply: HistoryReply,
+        /// Messages to replay, oldest first.
+        messages: Vec<Arc<Broadcast>>,
+    },
+}
+
+/// Why a peer's history request cannot be answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// No history for the topic here.
+    UnknownTopic,
+    /// The history here is of another epoch (given).
+    OtherEpoch(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingFetch {
+    id: u64,
+    deadline: Instant,
+    attempt: u32,
+}
+
+/// One topic's stream.
+struct Stream {
+    rule: usize,
+    /// None until a message, a check or a peer names it.
+    epoch: Option<u64>,
+    /// The history: contiguous offsets ending at `next - 1`.
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    next: u64,
+    /// Arrived ahead of `next` (or, while filling, anything).
+    held: BTreeMap<u64, Entry>,
+    /// The newest offset known to exist (from a position check).
+    known_last: Option<u64>,
+    /// No start yet: the first contiguous run may begin at any offset.
+    filling: bool,
+    fetch: Option<PendingFetch>,
+    retired: Vec<u64>,
+}
+
+impl Stream {
+    fn new(rule: usize) -> Self {
+        Stream {
+            rule,
+            epoch: None,
+            entries: VecDeque::new(),
+            bytes: 0,
+            next: 0,
+            held: BTreeMap::new(),
+            known_last: None,
+            filling: true,
+            fetch: None,
+            retired: Vec::new(),
+        }
+    }
+
+    fn tail(&self) -> Option<Position> {
+        let epoch = self.epoch?;
+        (!self.filling && self.next > 0).then(|| Position {
+            epoch,
+            offset: self.next - 1,
+        })
+    }
+
+    fn first(&self) -> u64 {
+        self.entries.front().map_or(self.next, Offset::offset)
+    }
+}
+
+/// Every topic's stream, the memory accounting, and the counters.
+pub struct Streams {
+    settings: Settings,
+    topics: HashMap<Arc<str>, Stream>,
+    total_bytes: usize,
+    total_messages: usize,
+    next_fetch_id: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Streams {
+    /// No topics yet.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Self {
+        Streams {
+            settings,
+            topics: HashMap::new(),
+            total_bytes: 0,
+            total_messages: 0,
+            next_fetch_id: 0,
+            metrics,
+        }
+    }
+
+    /// The rule covering `topic`, if any.
+    pub fn rule_for(&self, topic: &str) -> Option<usize> {
+        self.settings
+            .rules
+            .iter()
+            .position(|r| r.pattern.matches(topic))
+    }
+
+    /// ZeroMQ prefixes the worker subscribes to for good, so history is complete whether or
+    /// not a local client is subscribed.
+    pub fn upstream_prefixes(&self) -> Vec<String> {
+        let mut p: Vec<String> = self
+            .settings
+            .rules
+            .iter()
+            .map(|r| r.pattern.upstream_prefix().to_string())
+            .collect();
+        p.sort();
+        p.dedup();
+        p
+    }
+
+    /// A positioned message from the publisher on a topic with a history rule.
+    pub fn offer(&mut self, topic: &str, entry: Entry, now: Instant, out: &mut Vec<Effect>) {
+        let Some(rule) = self.rule_for(topic) else {
+            return out.push(Effect::Deliver(entry.message));
+        };
+        let pos = entry.position();
+        let key = self.key(topic, rule);
+        let s = self.topics.get_mut(&key).expect("just ensured");
+        match s.epoch {
+            None => s.epoch = Some(pos.epoch),
+            Some(e) if e == pos.epoch => {}
+            Some(_) if s.retired.contains(&pos.epoch) => {
+                self.metrics
+                    .stream_events
+                    .with_label_values(&["stale_epoch"])
+                    .inc();
+                return;
+            }
+            Some(_) => self.reset(&key, pos.epoch, out),
+        }
+        let s = self.topics.get_mut(&key).expect("exists");
+        if s.filling && s.fetch.is_none() && pos.offset == 0 && s.held.is_empty() {
+            // The stream starts here: nothing came before, nothing to fetch.
+            s.filling = false;
+            s.next = 0;
+        }
+        if s.filling {
+            s.held.entry(pos.offset).or_insert(entry);
+            if s.fetch.is_none() {
+                self.start_fetch(&key, now, out);
+            }
+            return;
+        }
+        if pos.offset < s.next || s.held.contains_key(&pos.offset) {
+            self.metrics
+                .stream_events
+                .with_label_values(&["duplicate"])
+                .inc();
+            return;
+        }
+        if pos.offset == s.next && s.held.is_empty() && s.fetch.is_none() {
+            s.next += 1;
+            out.push(Effect::Deliver(entry.message.clone()));
+            return self.append(&key, entry, now);
+        }
+        let late_fill = pos.offset == s.next;
+        s.held.insert(pos.offset, entry);
+        if late_fill {
+            // A message that was late (not lost) closes the hole itself.
+            self.drain_in_order(&key, Vec::new(), now, out);
+            let s = &self.topics[&key];
+            if s.fetch.is_some() && first_hole(s.next, &s.held, s.known_last).is_none() {
+                self.topics.get_mut(&key).expect("exists").fetch = None;
+                out.push(Effect::Settled(key));
+            }
+            return;
+        }
+        if s.held.len() > self.settings.max_held {
+            return self.give_up(&key, now, out);
+        }
+        if s.fetch.is_none() {
+            self.metrics.stream_events.with_label_values(&["gap"]).inc();
+            self.start_fetch(&key, now, out);
+        }
+    }
+
+    /// A position check: `last` is the newest message the publisher sent on `topic`.
+    pub fn check(&mut self, topic: &str, last: Position, now: Instant, out: &mut Vec<Effect>) {
+        let Some(rule) = self.rule_for(topic) else {
+            return;
+        };
+        let key = self.key(topic, rule);
+        let s = self.topics.get_mut(&key).expect("just ensured");
+        match s.epoch {
+            None => s.epoch = Some(last.epoch),
+            Some(e) if e == last.epoch => {}
+            Some(_) if s.retired.contains(&last.epoch) => return,
+            Some(_) => self.reset(&key, last.epoch, out),
+        }
+        let s = self.topics.get_mut(&key).expect("exists");
+        s.known_last = Some(s.known_last.map_or(last.offset, |k| k.max(last.offset)));
+        if s.fetch.is_some() {
+            return;
+        }
+        if s.filling || last.offset >= s.next {
+            if !s.filling {
+                self.metrics.stream_events.with_label_values(&["gap"]).inc();
+            }
+            self.start_fetch(&key, now, out);
+        }
+    }
+
+    /// The peers' answer to fetch `id` (empty when none had anything or none answered).
+    pub fn fetched(
+        &mut self,
+        topic: &str,
+        id: u64,
+        messages: Vec<Entry>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(s) = self.topics.get_mut(topic) else {
+            return;
+        };
+        if s.fetch.is_none_or(|f| f.id != id) {
+            return; // an attempt that was given up or made unnecessary
+        }
+        let key: Arc<str> = self.topics.get_key_value(topic).expect("exists").0.clone();
+        let s = self.topics.get_mut(&key).expect("exists");
+        if s.epoch.is_none() {
+            s.epoch = messages.last().map(|m| m.position().epoch);
+        }
+        let epoch = s.epoch;
+        let useful: Vec<Entry> = messages
+            .into_iter()
+            .filter(|m| Some(m.position().epoch) == epoch)
+            .collect();
+        let attempt = s.fetch.map_or(1, |f| f.attempt);
+        s.fetch = None;
+        let was_filling = s.filling;
+        if s.filling {
+            if s.epoch.is_none() {
+                // Nobody knows the topic: forget it until it is published.
+                self.topics.remove(&key);
+                return out.push(Effect::Settled(key));
+            }
+            let live_from = s.held.values().filter(|e| e.live).map(Offset::offset).min();
+            let lowest = useful
+                .iter()
+                .map(Offset::offset)
+                .chain(s.held.keys().copied())
+                .min();
+            s.next = match (lowest, s.known_last) {
+                (Some(l), _) => l,
+                (None, Some(k)) => k + 1,
+                (None, None) => s.next,
+            };
+            s.filling = false;
+            self.drain_in_order_from(&key, useful, live_from.unwrap_or(u64::MAX), now, out);
+            self.metrics
+                .stream_events
+                .with_label_values(&["filled"])
+                .inc();
+        } else {
+            let used = self.drain_in_order(&key, useful, now, out);
+            self.metrics.stream_repaired_messages.inc_by(used as u64);
+        }
+        let s = &self.topics[&key];
+        if first_hole(s.next, &s.held, s.known_last).is_some() {
+            if attempt < FETCH_ATTEMPTS {
+                return self.start_fetch_attempt(&key, now, attempt + 1, out);
+            }
+            self.metrics
+                .stream_repairs
+                .with_label_values(&["failed"])
+                .inc();
+            self.give_up(&key, now, out);
+        } else if !was_filling {
+            self.metrics.stream_repairs.with_label_values(&["ok"]).inc();
+        }
+        out.push(Effect::Settled(key));
+    }
+
+    /// Gives up fetch attempts past their deadline, and trims history by age and memory.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let expired: Vec<(Arc<str>, u64)> = self
+            .topics
+            .iter()
+            .filter_map(|(k, s)| {
+                s.fetch
+                    .filter(|f| f.deadline <= now)
+                    .map(|f| (k.clone(), f.id))
+            })
+            .collect();
+        for (topic, id) in expired {
+            self.metrics
+                .peer_fetches
+                .with_label_values(&["timeout"])
+                .inc();
+            self.fetched(&topic, id, Vec::new(), now, out);
+        }
+        for s in self.topics.values_mut() {
+            let max_age = self.settings.rules[s.rule].max_age;
+            while s
+                .entries
+                .front()
+                .is_some_and(|e| now.duration_since(e.received_at) > max_age)
+            {
+                let e = s.entries.pop_front().expect("front exists");
+                s.bytes -= e.bytes();
+                self.total_bytes -= e.bytes();
+                self.total_messages -= 1;
+                self.metrics
+                    .history_evicted
+                    .with_label_values(&["age"])
+                    .inc();
+            }
+        }
+        self.metrics
+            .history_messages
+            .set(self.total_messages as i64);
+        self.metrics.history_bytes.set(self.total_bytes as i64);
+        self.metrics.history_topics.set(self.topics.len() as i64);
+    }
+
+    /// Answers a history request for `topic`. Unless `last_chance`, a topic that is catching
+    /// up (or unknown here while peers may know it) gives [`Replay::Wait`].
+    pub fn replay(
+        &mut self,
+        topic: &str,
+        request: HistoryRequest,
+        last_chance: bool,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) -> Replay {
+        let max = self.settings.max_replay;
+        let not_recovered = |reason: NotRecovered, tail: Option<Position>, s: Option<&Stream>| {
+            let messages = match (request.last, s) {
+                (Some(n), Some(s)) => last_n(s, (n as usize).min(max)),
+                _ => Vec::new(),
+            };
+            Replay::Ready {
+                reply: HistoryReply {
+                    recovered: request.since.map(|_| false),
+                    reason: request.since.map(|_| reason.as_str().to_string()),
+                    replayed: messages.len() as u64,
+                    position: tail.map(JsonPosition::from),
+                },
+                messages,
+            }
+        };
+        let Some(rule) = self.rule_for(topic) else {
+            return not_recovered(NotRecovered::NoHistory, None, None);
+        };
+        if !self.topics.contains_key(topic) {
+            if last_chance || !self.settings.has_peers {
+                return not_recovered(NotRecovered::NoHistory, None, None);
+            }
+            // Unknown here: a peer may have it (this worker started late).
+            let key = self.key(topic, rule);
+            self.start_fetch(&key, now, out);
+            return Replay::Wait;
+        }
+        let s = &self.topics[topic];
+        if (s.fetch.is_some() || s.filling) && !last_chance {
+            return Replay::Wait;
+        }
+        let tail = s.tail();
+        let Some(since) = request.since else {
+            let messages = last_n(s, (request.last.unwrap_or(0) as usize).min(max));
+            return Replay::Ready {
+                reply: HistoryReply {
+                    recovered: None,
+                    reason: None,
+                    replayed: messages.len() as u64,
+                    position: tail.map(JsonPosition::from),
+                },
+                messages,
+            };
+        };
+        let Some(epoch) = s.epoch.filter(|_| !s.filling) else {
+            return not_recovered(NotRecovered::NoHistory, tail, Some(s));
+        };
+        if since.epoch != epoch {
+            return not_recovered(NotRecovered::EpochChanged, tail, Some(s));
+        }
+        if since.offset >= s.next {
+            if !last_chance {
+                return Replay::Wait; // this worker is behind the one the client came from
+            }
+            return not_recovered(NotRecovered::PositionAhead, tail, Some(s));
+        }
+        if since.offset + 1 < s.first() {
+            return not_recovered(NotRecovered::TooOld, tail, Some(s));
+        }
+        let missed = (s.next - 1 - since.offset) as usize;
+        if missed > max {
+            return not_recovered(NotRecovered::TooManyMissed, tail, Some(s));
+        }
+        let messages = last_n(s, missed);
+        Replay::Ready {
+            reply: HistoryReply {
+                recovered: Some(true),
+                reason: None,
+                replayed: messages.len() as u64,
+                position: tail.map(JsonPosition::from),
+            },
+            messages,
+        }
+    }
+
+    /// Serves a peer: appends the topic's history (of `epoch`, from offset `from`, at most
+    /// `limit`; without `from` the latest `limit`) to `body`; returns the count.
+    pub fn snapshot(
+        &self,
+        topic: &str,
+        epoch: Option<u64>,
+        from: Option<u64>,
+        limit: usize,
+        body: &mut Vec<u8>,
+    ) -> Result<usize, SnapshotError> {
+        let s = self.topics.get(topic).ok_or(SnapshotError::UnknownTopic)?;
+        let Some(own) = s.epoch.filter(|_| !s.entries.is_empty()) else {
+            return Err(SnapshotError::UnknownTopic);
+        };
+        if epoch.is_some_and(|e| e != own) {
+            return Err(SnapshotError::OtherEpoch(own));
+        }
+        let skip = match from {
+            Some(from) => from.saturating_sub(s.first()).min(s.entries.len() as u64) as usize,
+            None => s.entries.len().saturating_sub(limit),
+        };
+        let mut n = 0;
+        for e in s.entries.iter().skip(skip).take(limit) {
+            protocol::backfill::push_entry(
+                body,
+                topic,
+                e.position(),
+                e.message.published_at_us,
+                &e.payload,
+            );
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The stream's key, creating the stream if needed.
+    fn key(&mut self, topic: &str, rule: usize) -> Arc<str> {
+        if let Some((k, _)) = self.topics.get_key_value(topic) {
+            return k.clone();
+        }
+        let key: Arc<str> = topic.into();
+        self.topics.insert(key.clone(), Stream::new(rule));
+        key
+    }
+
+    /// The publisher restarted (new epoch): drop the old stream, tell subscribers.
+    fn reset(&mut self, key: &Arc<str>, epoch: u64, out: &mut Vec<Effect>) {
+        let s = self.topics.get_mut(key).expect("exists");
+        if let Some(old) = s.epoch {
+            s.retired.push(old);
+            if s.retired.len() > RETIRED_EPOCHS {
+                s.retired.remove(0);
+            }
+        }
+        let dropped: usize = s.entries.iter().map(Entry::bytes).sum();
+        self.total_bytes -= dropped;
+        self.total_messages -= s.entries.len();
+        s.entries.clear();
+        s.bytes = 0;
+        s.held.clear();
+        s.known_last = None;
+        s.fetch = None;
+        s.filling = true;
+        s.next = 0;
+        s.epoch = Some(epoch);
+        self.metrics
+            .stream_events
+            .with_label_values(&["reset"])
+            .inc();
+        out.push(Effect::Reset {
+            topic: key.clone(),
+            epoch,
+        });
+        out.push(Effect::Settled(key.clone()));
+    }
+
+    fn start_fetch(&mut self, key: &Arc<str>, now: Instant, out: &mut Vec<Effect>) {
+        self.start_fetch_attempt(key, now, 1, out)
+    }
+
+    fn start_fetch_attempt(
+        &mut self,
+        key: &Arc<str>,
+        now: Instant,
+        attempt: u32,
+        out: &mut Vec<Effect>,
+    ) {
+        let s = self.topics.get_mut(key).expect("exists");
+        let rule = &self.settings.rules[s.rule];
+        let (from, limit) = match (s.filling, first_hole(s.next, &s.held, s.known_last)) {
+            (false, Some((from, to))) => (
+                Some(from),
+                ((to - from + 1) as usize).min(self.settings.max_held),
+            ),
+            _ => (None, rule.max_messages),
+        };
+        if !self.settings.has_peers {
+            // Nobody to ask: settle at once with what we have.
+            self.next_fetch_id += 1;
+            let id = self.next_fetch_id;
+            s.fetch = Some(PendingFetch {
+                id,
+                deadline: now,
+                attempt: FETCH_ATTEMPTS,
+            });
+            return self.fetched(&key.clone(), id, Vec::new(), now, out);
+        }
+        self.next_fetch_id += 1;
+        let delay = Duration::from_millis(match attempt {
+            1 => 0,
+            2 => 100,
+            _ => 400,
+        });
+        s.fetch = Some(PendingFetch {
+            id: self.next_fetch_id,
+            deadline: now + delay + self.settings.repair_timeout,
+            attempt,
+        });
+        out.push(Effect::Fetch(FetchRequest {
+            id: self.next_fetch_id,
+            topic: key.clone(),
+            epoch: s.epoch,
+            from,
+            limit,
+            delay,
+        }));
+    }
+
+    /// Merges `incoming` with what is held and delivers the contiguous run; returns how many
+    /// of `incoming` were new.
+    fn drain_in_order(
+        &mut self,
+        key: &Arc<str>,
+        incoming: Vec<Entry>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) -> usize {
+        self.drain_in_order_from(key, incoming, 0, now, out)
+    }
+
+    /// As [`Self::drain_in_order`], but messages below `deliver_from` only enter history (a
+    /// fill: live subscribers never expected them).
+    fn drain_in_order_from(
+        &mut self,
+        key: &Arc<str>,
+        incoming: Vec<Entry>,
+        deliver_from: u64,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) -> usize {
+        let s = self.topics.get_mut(key).expect("exists");
+        let (run, added) = take_contiguous(&mut s.next, &mut s.held, incoming);
+        for e in run {
+            if e.offset() >= deliver_from {
+                out.push(Effect::Deliver(e.message.clone()));
+            }
+            self.append(key, e, now);
+        }
+        added
+    }
+
+    /// Declares every hole lost: Gap notices, history restarts after each, held messages go out.
+    fn give_up(&mut self, key: &Arc<str>, now: Instant, out: &mut Vec<Effect>) {
+        loop {
+            let s = self.topics.get_mut(key).expect("exists");
+            let Some((from, to)) = first_hole(s.next, &s.held, s.known_last) else {
+                break;
+            };
+            let epoch = s.epoch.expect("a hole has an epoch");
+            self.metrics
+                .stream_events
+                .with_label_values(&["lost"])
+                .inc();
+            self.metrics.stream_lost_messages.inc_by(to - from + 1);
+            out.push(Effect::Gap {
+                topic: key.clone(),
+                epoch,
+                from,
+                to,
+            });
+            // History must stay contiguous: it restarts after the hole.
+            let dropped: usize = s.entries.iter().map(Entry::bytes).sum();
+            self.total_bytes -= dropped;
+            self.total_messages -= s.entries.len();
+            s.entries.clear();
+            s.bytes = 0;
+            s.next = to + 1;
+            self.drain_in_order(key, Vec::new(), now, out);
+        }
+        let s = self.topics.get_mut(key).expect("exists");
+        s.fetch = None;
+        s.filling = false;
+    }
+
+    /// Appends to a topic's history and applies its limits and the memory cap.
+    fn append(&mut self, key: &Arc<str>, e: Entry, now: Instant) {
+        let s = self.topics.get_mut(key).expect("exists");
+        let rule = &self.settings.rules[s.rule];
+        let size = e.bytes();
+        s.entries.push_back(e);
+        s.bytes += size;
+        self.total_bytes += size;
+        self.total_messages += 1;
+        let mut evict = |s: &mut Stream, reason: &str| {
+            let e = s.entries.pop_front().expect("non-empty");
+            s.bytes -= e.bytes();
+            self.total_bytes -= e.bytes();
+            self.total_messages -= 1;
+            self.metrics
+                .history_evicted
+                .with_label_values(&[reason])
+                .inc();
+        };
+        while s.entries.len() > rule.max_messages {
+            evict(s, "messages");
+        }
+        while s.bytes > rule.max_bytes && s.entries.len() > 1 {
+            evict(s, "bytes");
+        }
+        while s
+            .entries
+            .front()
+            .is_some_and(|f| now.duration_since(f.received_at) > rule.max_age)
+        {
+            evict(s, "age");
+        }
+        if self.total_bytes > self.settings.max_total_bytes {
+            self.evict_oldest();
+        }
+    }
+
+    /// Past the memory cap: drops the oldest messages across all topics, down to 90% of it.
+    fn evict_oldest(&mut self) {
+        let target = self.settings.max_total_bytes / 100 * EVICT_TO_PERCENT;
+        let mut heap: BinaryHeap<std::cmp::Reverse<(Instant, Arc<str>)>> = self
+            .topics
+            .iter()
+            .filter_map(|(k, s)| {
+                Some(std::cmp::Reverse((
+                    s.entries.front()?.received_at,
+                    k.clone(),
+                )))
+            })
+            .collect();
+        while self.total_bytes > target {
+            let Some(std::cmp::Reverse((_, key))) = heap.pop() else {
+                break;
+            };
+            let s = self.topics.get_mut(&key).expect("exists");
+            let e = s.entries.pop_front().expect("had a front");
+            s.bytes -= e.bytes();
+            self.total_bytes -= e.bytes();
+            self.total_messages -= 1;
+            self.metrics
+                .history_evicted
+                .with_label_values(&["memory_cap"])
+                .inc();
+            if let Some(f) = s.entries.front() {
+                heap.push(std::cmp::Reverse((f.received_at, key)));
+            }
+        }
+    }
+}
+
+/// The last `n` messages of a stream's history, oldest first.
+fn last_n(s: &Stream, n: usize) -> Vec<Arc<Broadcast>> {
+    let skip = s.entries.len().saturating_sub(n);
+    s.entries
+        .iter()
+        .skip(skip)
+        .map(|e| e.message.clone())
+        .collect()
+}
