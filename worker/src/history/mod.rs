@@ -377,9 +377,10 @@ impl Streams {
             .into_iter()
             .filter(|m| Some(m.position().epoch) == epoch)
             .collect();
-        let attempt = s.fetch.map_or(1, |f| f.attempt);
+        let mut attempt = s.fetch.map_or(1, |f| f.attempt);
         s.fetch = None;
         let was_filling = s.filling;
+        let before = s.next;
         if s.filling {
             if s.epoch.is_none() {
                 // Nobody knows the topic: forget it until it is published.
@@ -408,6 +409,9 @@ impl Streams {
             self.metrics.stream_repaired_messages.inc_by(used as u64);
         }
         let s = &self.topics[&key];
+        if s.next > before && !was_filling {
+            attempt = 0; // progress: the next hole gets every attempt again
+        }
         if first_hole(s.next, &s.held, s.known_last).is_some() {
             if attempt < FETCH_ATTEMPTS {
                 return self.start_fetch_attempt(&key, now, attempt + 1, out);
@@ -824,3 +828,6 @@ fn last_n(s: &Stream, n: usize) -> Vec<Arc<Broadcast>> {
         .map(|e| e.message.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
