@@ -50,7 +50,7 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "stdin")]
     pub count: u64,
 
-    /// Publish stdin instead of generated messages: each line is TOPIC<TAB>PAYLOAD (or, with
+    /// Publish stdin instead of generated messages: each line is `TOPIC<TAB>PAYLOAD` (or, with
     /// one --topic, the whole line is the payload). Stops at the end of input. Bad lines are
     /// reported with their number and skipped.
     #[arg(long)]

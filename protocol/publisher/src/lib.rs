@@ -25,7 +25,7 @@
 //! - [`pace`]: how many generated messages are due at a steady rate.
 //! - [`stamp`]: [`Stamper`], positions and due checks; pure logic, `now` passed in.
 //! - [`publisher`]: [`Publisher`], the ZeroMQ PUB socket that stamps, checks and sends.
-//! - [`run`]: the command's life, from binding to the final round of checks.
+//! - [`mod@run`]: the command's life, from binding to the final round of checks.
 //!
 //! # Library
 //!

@@ -83,13 +83,14 @@ pub async fn run_with_input(
         max_topic_bytes: config.max_topic_bytes,
     });
     for endpoint in &config.bind {
-        println!("bound {}", publisher.bind(endpoint).await?);
+        let bound = publisher.bind(endpoint).await?;
+        announce(format_args!("bound {bound}"));
     }
     for endpoint in &config.connect {
         publisher.connect(endpoint).await?;
-        println!("connected {endpoint}");
+        announce(format_args!("connected {endpoint}"));
     }
-    println!("epoch {}", EpochHex(publisher.epoch()));
+    announce(format_args!("epoch {}", EpochHex(publisher.epoch())));
 
     let mut session = Session::new(publisher, &config);
     if config.stdin {
@@ -101,6 +102,13 @@ pub async fn run_with_input(
     info!("done: {summary}");
     session.publisher.close(config.linger).await;
     Ok(summary)
+}
+
+/// Prints one line on stdout for whoever started the command. A closed stdout is not an
+/// error: nobody is reading the announcement.
+fn announce(line: fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// `--topic ... --rate --count`: one JSON message per topic per round.
@@ -164,12 +172,11 @@ async fn publish_lines(
                 None => return Ok(()),
             },
         };
-        let message = line.and_then(|line| {
-            let (topic, payload) = parse_line(&line, fixed_topic, config.max_topic_bytes)?;
-            Ok((topic.to_owned(), payload))
-        });
-        match message {
-            Ok((topic, payload)) => session.publish(&topic, payload).await?,
+        match line {
+            Ok(line) => match parse_line(&line, fixed_topic, config.max_topic_bytes) {
+                Ok((topic, payload)) => session.publish(topic, payload).await?,
+                Err(error) => session.skip_line(number, error),
+            },
             Err(error) => session.skip_line(number, error),
         }
     }

@@ -73,6 +73,7 @@ impl Stamper {
 
     /// The topics that have been quiet (no message, no check) for at least `interval` at
     /// `now`, each with its last position, sorted by topic. They count as checked at `now`.
+    /// Looks at every topic: call it a few times per interval, not per message.
     ///
     /// `Duration::ZERO` returns every topic (a final round of checks before exiting).
     pub fn due_checks(&mut self, now: Instant, interval: Duration) -> Vec<(String, Position)> {

@@ -85,8 +85,13 @@ impl Cli {
 
     async fn write(&mut self, text: &str) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin already closed")?;
-        stdin.write_all(text.as_bytes()).await?;
-        stdin.flush().await?;
+        let write = async {
+            stdin.write_all(text.as_bytes()).await?;
+            stdin.flush().await
+        };
+        timeout(WAIT, write)
+            .await
+            .context("stdin write blocked")??;
         Ok(())
     }
 
@@ -102,7 +107,7 @@ impl Cli {
     }
 
     /// Runs `test`; on failure prints what the publisher logged.
-    async fn check(mut self, test: impl AsyncFnOnce(&mut Cli) -> Result<()>) -> Result<()> {
+    async fn scenario(mut self, test: impl AsyncFnOnce(&mut Cli) -> Result<()>) -> Result<()> {
         let result = test(&mut self).await;
         if result.is_err() {
             eprintln!("pushfleet-publish stderr:\n{}", self.stderr());
@@ -118,7 +123,7 @@ impl Subscriber {
     async fn connect(endpoint: &str) -> Result<Subscriber> {
         let mut socket = zeromq::SubSocket::new();
         timeout(WAIT, socket.connect(endpoint)).await??;
-        socket.subscribe("").await?;
+        timeout(WAIT, socket.subscribe("")).await??;
         Ok(Subscriber(socket))
     }
 
@@ -214,7 +219,7 @@ fn at(epoch: u64, offset: u64) -> Position {
 #[tokio::test]
 async fn stdin_lines_are_stamped_contiguously_and_quiet_topics_get_repeated_checks() -> Result<()> {
     let cli = Cli::start(&["--stdin", "--check-interval", "200ms"]).await?;
-    cli.check(async |cli| {
+    cli.scenario(async |cli| {
         let mut sub = Subscriber::connect(&cli.endpoint).await?;
         let mut seen = Seen::default();
         // Probe until the subscription has reached the publisher (bounded by the deadline).
@@ -295,7 +300,7 @@ async fn generated_messages_are_contiguous_json_and_end_with_a_final_round_of_ch
         "--topic", "x", "--topic", "y", "--rate", "200", "--count", "300",
     ];
     let cli = Cli::start(&[&args[..], &["--check-interval", "1h"]].concat()).await?;
-    cli.check(async |cli| {
+    cli.scenario(async |cli| {
         // Joining after the start: the stream is checked from the first message seen.
         let mut sub = Subscriber::connect(&cli.endpoint).await?;
         let mut seen = Seen::default();
@@ -330,7 +335,7 @@ async fn generated_messages_are_contiguous_json_and_end_with_a_final_round_of_ch
 async fn sigterm_stops_after_a_final_round_of_checks() -> Result<()> {
     let args = ["--topic", "z", "--rate", "100", "--check-interval", "1h"];
     let cli = Cli::start(&args).await?;
-    cli.check(async |cli| {
+    cli.scenario(async |cli| {
         let mut sub = Subscriber::connect(&cli.endpoint).await?;
         let mut seen = Seen::default();
         seen.until(&mut sub, WAIT, "a few messages", |s| s.count("z") >= 5)
