@@ -184,7 +184,8 @@ impl Publisher {
 
     /// Sends a position check for every topic quiet for the check interval at `now` (none if
     /// checks are disabled); returns how many were sent. Call it often (a tenth of the
-    /// interval is plenty): a check goes out at the first call after the topic is due.
+    /// interval is plenty): a check goes out at the first call after the topic is due. Await
+    /// it to completion (not as a `select!` branch): topics count as checked before sending.
     pub async fn send_due_checks(&mut self, now: Instant) -> Result<usize, PublishError> {
         match self.options.check_interval {
             Some(interval) => self.send_checks(now, interval).await,

@@ -144,7 +144,7 @@ async fn publish_generated(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            result = session.tick() => result?,
+            tick = session.next_tick() => session.on_tick(tick).await?,
             _ = tokio::time::sleep_until(pacer.next_at().into()) => {}
         }
     }
@@ -160,11 +160,11 @@ async fn publish_lines(
     let mut lines = LineReader::new(BufReader::new(input), config.max_line_bytes);
     let fixed_topic = config.topic.first().map(String::as_str);
     loop {
-        // `next_line` is cancel-safe: a tick in the middle of a line loses nothing.
+        // Both waits are cancel-safe: a tick in the middle of a line loses nothing.
         let (number, line) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            result = session.tick() => {
-                result?;
+            tick = session.next_tick() => {
+                session.on_tick(tick).await?;
                 continue;
             }
             line = lines.next_line() => match line.map_err(RunError::Stdin)? {
@@ -236,9 +236,10 @@ impl Session {
         self.bad_lines += 1;
     }
 
-    /// Waits for the next periodic duty and does it. Cancel-safe (interval ticks are).
-    async fn tick(&mut self) -> Result<(), PublishError> {
-        let tick = match &mut self.check_ticks {
+    /// Waits for the next periodic duty. Cancel-safe (interval ticks are); the duty itself
+    /// is done by `on_tick`, outside any `select!`, so that it is never cut short.
+    async fn next_tick(&mut self) -> Tick {
+        match &mut self.check_ticks {
             Some(check_ticks) => tokio::select! {
                 _ = check_ticks.tick() => Tick::Checks,
                 _ = self.progress_ticks.tick() => Tick::Progress,
@@ -247,7 +248,10 @@ impl Session {
                 self.progress_ticks.tick().await;
                 Tick::Progress
             }
-        };
+        }
+    }
+
+    async fn on_tick(&mut self, tick: Tick) -> Result<(), PublishError> {
         match tick {
             Tick::Checks => {
                 self.checks += self.publisher.send_due_checks(Instant::now()).await? as u64;
