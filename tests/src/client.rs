@@ -229,6 +229,37 @@ impl WsClient {
         Ok(())
     }
 
+    /// Sends a subscribe request with history (`since`/`last`), reads its ack and the
+    /// `history.replayed` messages that follow it. Frames for other topics before the ack are
+    /// skipped.
+    pub async fn subscribe_history(
+        &mut self,
+        request: serde_json::Value,
+    ) -> Result<(serde_json::Value, Vec<serde_json::Value>)> {
+        let topic = request["topic"].clone();
+        self.send_json(request).await?;
+        let ack = loop {
+            let m = self.recv_json().await?;
+            match m["type"].as_str() {
+                Some("ack") if m["topic"] == topic => break m,
+                Some("error") => bail!("subscribe failed: {m}"),
+                _ if m["topic"] == topic => bail!("{m} came before the ack"),
+                _ => {}
+            }
+        };
+        let n = ack["history"]["replayed"]
+            .as_u64()
+            .context("ack without history.replayed")?;
+        let mut replayed = Vec::new();
+        while (replayed.len() as u64) < n {
+            let m = self.recv_json().await?;
+            if m["topic"] == topic {
+                replayed.push(m);
+            }
+        }
+        Ok((ack, replayed))
+    }
+
     /// The underlying stream (for tests that stop reading).
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream

@@ -399,14 +399,20 @@ impl Streams {
                 (None, None) => s.next,
             };
             s.filling = false;
-            self.drain_in_order_from(&key, useful, live_from.unwrap_or(u64::MAX), now, out);
+            let from = live_from.unwrap_or(u64::MAX);
+            let repaired = self.drain_in_order_from(&key, useful, from, now, out);
+            self.metrics
+                .stream_repaired_messages
+                .inc_by(repaired as u64);
             self.metrics
                 .stream_events
                 .with_label_values(&["filled"])
                 .inc();
         } else {
-            let used = self.drain_in_order(&key, useful, now, out);
-            self.metrics.stream_repaired_messages.inc_by(used as u64);
+            let repaired = self.drain_in_order(&key, useful, now, out);
+            self.metrics
+                .stream_repaired_messages
+                .inc_by(repaired as u64);
         }
         let s = &self.topics[&key];
         if s.next > before && !was_filling {
@@ -684,7 +690,7 @@ impl Streams {
     }
 
     /// Merges `incoming` with what is held and delivers the contiguous run; returns how many
-    /// of `incoming` were new.
+    /// delivered messages came from a peer (holes repaired).
     fn drain_in_order(
         &mut self,
         key: &Arc<str>,
@@ -706,14 +712,16 @@ impl Streams {
         out: &mut Vec<Effect>,
     ) -> usize {
         let s = self.topics.get_mut(key).expect("exists");
-        let (run, added) = take_contiguous(&mut s.next, &mut s.held, incoming);
+        let (run, _) = take_contiguous(&mut s.next, &mut s.held, incoming);
+        let mut repaired = 0;
         for e in run {
             if e.offset() >= deliver_from {
                 out.push(Effect::Deliver(e.message.clone()));
+                repaired += usize::from(!e.live);
             }
             self.append(key, e, now);
         }
-        added
+        repaired
     }
 
     /// Declares every hole lost: Gap notices, history restarts after each, held messages go out.
