@@ -252,6 +252,12 @@ async fn messages_lost_on_the_way_to_one_worker_are_repaired_from_a_peer() -> Re
         "in order, nothing missing"
     );
     assert!(notices.is_empty(), "no gap notice: {notices:?}");
+    // The subscribe before any message asked the peer about the unknown topic once, not
+    // again and again while it waited.
+    assert_eq!(
+        b.metric("worker_peer_fetches_total{result=\"not_found\""),
+        1.0
+    );
     assert!(b.metric("worker_stream_repairs_total{result=\"ok\"") >= 1.0);
     assert_eq!(b.metric("worker_stream_repaired_messages_total"), 5.0);
     assert_eq!(b.metric("worker_stream_lost_messages_total"), 0.0);

@@ -327,7 +327,7 @@ impl Hub {
         // Requests past their deadline are answered with what there is; others are retried
         // (a worker that was behind the client's position may have caught up).
         for p in std::mem::take(&mut self.parked) {
-            let last_chance = p.deadline <= now;
+            let last_chance = p.deadline <= now || !self.streams.knows(&p.topic);
             self.answer_history(p, last_chance, now);
         }
         self.run_effects(now);
@@ -423,8 +423,10 @@ impl Hub {
                         .into_iter()
                         .partition(|p| p.topic == topic);
                     self.parked = waiting;
+                    // A topic that settled unknown (no peer had it) is not asked about again.
+                    let last_chance = !self.streams.knows(&topic);
                     for p in ready {
-                        self.answer_history(p, false, now);
+                        self.answer_history(p, last_chance, now);
                     }
                 }
             }

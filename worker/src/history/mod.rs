@@ -246,6 +246,11 @@ impl Streams {
             .position(|r| r.pattern.matches(topic))
     }
 
+    /// Whether the topic has a stream here (known, or being fetched).
+    pub fn knows(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
     /// ZeroMQ prefixes the worker subscribes to for good, so history is complete whether or
     /// not a local client is subscribed.
     pub fn upstream_prefixes(&self) -> Vec<String> {
