@@ -213,14 +213,45 @@ impl Stream {
     fn first(&self) -> u64 {
         self.entries.front().map_or(self.next, Offset::offset)
     }
+
+    fn push(&mut self, e: Entry, totals: &mut Totals) {
+        let size = e.bytes();
+        self.entries.push_back(e);
+        self.bytes += size;
+        totals.bytes += size;
+        totals.messages += 1;
+    }
+
+    /// Drops the oldest message of the history, counted under `reason`.
+    fn evict_front(&mut self, totals: &mut Totals, metrics: &Metrics, reason: &str) {
+        let e = self.entries.pop_front().expect("history is not empty");
+        self.bytes -= e.bytes();
+        totals.bytes -= e.bytes();
+        totals.messages -= 1;
+        metrics.history_evicted.with_label_values(&[reason]).inc();
+    }
+
+    /// Forgets the whole history (the stream restarts).
+    fn clear_history(&mut self, totals: &mut Totals) {
+        totals.bytes -= self.bytes;
+        totals.messages -= self.entries.len();
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+/// Messages and bytes kept in all histories.
+#[derive(Default)]
+struct Totals {
+    bytes: usize,
+    messages: usize,
 }
 
 /// Every topic's stream, the memory accounting, and the counters.
 pub struct Streams {
     settings: Settings,
     topics: HashMap<Arc<str>, Stream>,
-    total_bytes: usize,
-    total_messages: usize,
+    totals: Totals,
     next_fetch_id: u64,
     metrics: Arc<Metrics>,
 }
@@ -231,8 +262,7 @@ impl Streams {
         Streams {
             settings,
             topics: HashMap::new(),
-            total_bytes: 0,
-            total_messages: 0,
+            totals: Totals::default(),
             next_fetch_id: 0,
             metrics,
         }
@@ -463,20 +493,13 @@ impl Streams {
                 .front()
                 .is_some_and(|e| now.duration_since(e.received_at) > max_age)
             {
-                let e = s.entries.pop_front().expect("front exists");
-                s.bytes -= e.bytes();
-                self.total_bytes -= e.bytes();
-                self.total_messages -= 1;
-                self.metrics
-                    .history_evicted
-                    .with_label_values(&["age"])
-                    .inc();
+                s.evict_front(&mut self.totals, &self.metrics, "age");
             }
         }
         self.metrics
             .history_messages
-            .set(self.total_messages as i64);
-        self.metrics.history_bytes.set(self.total_bytes as i64);
+            .set(self.totals.messages as i64);
+        self.metrics.history_bytes.set(self.totals.bytes as i64);
         self.metrics.history_topics.set(self.topics.len() as i64);
     }
 
@@ -620,11 +643,7 @@ impl Streams {
                 s.retired.remove(0);
             }
         }
-        let dropped: usize = s.entries.iter().map(Entry::bytes).sum();
-        self.total_bytes -= dropped;
-        self.total_messages -= s.entries.len();
-        s.entries.clear();
-        s.bytes = 0;
+        s.clear_history(&mut self.totals);
         s.held.clear();
         s.known_last = None;
         s.fetch = None;
@@ -749,11 +768,7 @@ impl Streams {
                 to,
             });
             // History must stay contiguous: it restarts after the hole.
-            let dropped: usize = s.entries.iter().map(Entry::bytes).sum();
-            self.total_bytes -= dropped;
-            self.total_messages -= s.entries.len();
-            s.entries.clear();
-            s.bytes = 0;
+            s.clear_history(&mut self.totals);
             s.next = to + 1;
             self.drain_in_order(key, Vec::new(), now, out);
         }
@@ -766,35 +781,22 @@ impl Streams {
     fn append(&mut self, key: &Arc<str>, e: Entry, now: Instant) {
         let s = self.topics.get_mut(key).expect("exists");
         let rule = &self.settings.rules[s.rule];
-        let size = e.bytes();
-        s.entries.push_back(e);
-        s.bytes += size;
-        self.total_bytes += size;
-        self.total_messages += 1;
-        let mut evict = |s: &mut Stream, reason: &str| {
-            let e = s.entries.pop_front().expect("non-empty");
-            s.bytes -= e.bytes();
-            self.total_bytes -= e.bytes();
-            self.total_messages -= 1;
-            self.metrics
-                .history_evicted
-                .with_label_values(&[reason])
-                .inc();
-        };
+        s.push(e, &mut self.totals);
+        let (totals, metrics) = (&mut self.totals, &self.metrics);
         while s.entries.len() > rule.max_messages {
-            evict(s, "messages");
+            s.evict_front(totals, metrics, "messages");
         }
         while s.bytes > rule.max_bytes && s.entries.len() > 1 {
-            evict(s, "bytes");
+            s.evict_front(totals, metrics, "bytes");
         }
         while s
             .entries
             .front()
             .is_some_and(|f| now.duration_since(f.received_at) > rule.max_age)
         {
-            evict(s, "age");
+            s.evict_front(totals, metrics, "age");
         }
-        if self.total_bytes > self.settings.max_total_bytes {
+        if self.totals.bytes > self.settings.max_total_bytes {
             self.evict_oldest();
         }
     }
@@ -812,19 +814,12 @@ impl Streams {
                 )))
             })
             .collect();
-        while self.total_bytes > target {
+        while self.totals.bytes > target {
             let Some(std::cmp::Reverse((_, key))) = heap.pop() else {
                 break;
             };
             let s = self.topics.get_mut(&key).expect("exists");
-            let e = s.entries.pop_front().expect("had a front");
-            s.bytes -= e.bytes();
-            self.total_bytes -= e.bytes();
-            self.total_messages -= 1;
-            self.metrics
-                .history_evicted
-                .with_label_values(&["memory_cap"])
-                .inc();
+            s.evict_front(&mut self.totals, &self.metrics, "memory_cap");
             if let Some(f) = s.entries.front() {
                 heap.push(std::cmp::Reverse((f.received_at, key)));
             }

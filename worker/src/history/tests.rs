@@ -429,7 +429,7 @@ fn limits_trim_history_by_count_bytes_age_and_the_memory_cap() {
             &mut out,
         );
     }
-    assert!(s.total_bytes <= size * 10);
+    assert!(s.totals.bytes <= size * 10);
     assert!(s.topics["a"].entries.len() < 6, "a's messages are older");
     assert_eq!(s.topics["b"].entries.len(), 6);
     assert!(
