@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use protocol::client::{HistoryReply, HistoryRequest};
 use protocol::publish::Published;
 
 const E1: u64 = 0xe1;
