@@ -1,10 +1,13 @@
-//! The worker: holds long-lived client WebSockets and fans published messages out to them.
+//! The worker: holds long-lived client WebSockets, keeps recent history per topic, and fans
+//! published messages out to them.
 //!
 //! ```text
-//!  publishers ──ZeroMQ SUB──▶ upstream ──bounded queue──▶ hub (dispatcher)
-//!                 ▲  (one task per endpoint)                │ encode once per message
-//!                 │ wanted topics/prefixes (watch)           ▼ shared frame (Bytes)
-//!                 └────────────── interest ◀── subscribe ── outbox (per connection, bounded)
+//!  publishers ──ZeroMQ SUB──▶ upstream ──bounded queue──▶ hub (one task) ◀── commands ── conn
+//!                 ▲  (one task per endpoint)               │ history: order, dedup, holes
+//!                 │                                        │ ◀── peers (fetch history) ──▶ other
+//!                 │ wanted topics/prefixes (watch)          │ encode once per message    workers
+//!                 └────────────── interest ◀── subscribe ── ▼ shared frame (Bytes)
+//!                                                 outbox (per connection, bounded)
 //!                                                            │ batched vectored writes
 //!  clients ◀──────────── WebSocket (pushfleet.v1) ◀─ conn ◀──┘
 //! ```
@@ -12,12 +15,16 @@
 //! Modules in the order a message meets them:
 //! - [`upstream`]: ZeroMQ SUB sockets, reconnection, decoding the publisher wire format.
 //! - [`interest`]: which topics to subscribe to upstream (reference counts).
-//! - [`hub`]: the subscription registry and fan-out.
+//! - [`hub`]: one task owning subscriptions, history and fan-out; history replies are
+//!   race-free because messages and requests go through it in one order.
+//! - [`history`]: per-topic streams: order, duplicates, holes, fills, catch-up and resume
+//!   (pure logic); [`peers`]: fetching history from other workers.
 //! - [`broadcast`]: one message's shared frames, deflated at most once per window size.
 //! - [`outbox`]: a connection's bounded outbound queue (slow consumers are closed, 4001).
 //! - [`conn`]: one connection's life: handshake, requests, writes, keepalive, close.
 //! - [`ws`]: the WebSocket codec (handshake, frames, reassembly, permessage-deflate).
-//! - [`drain`], [`admin`], [`metrics`], [`server`], [`config`]: running and operating it.
+//! - [`drain`], [`admin`], [`metrics`], [`server`], [`config`]: running and operating it
+//!   (the admin port also serves `GET /history` to peers).
 //!
 //! Why our own WebSocket codec: tokio-tungstenite rejects frames with RSV1 set and has no
 //! permessage-deflate, and a library writer owns each connection's framing, while fan-out needs
