@@ -2,7 +2,7 @@
 //! passed in); the hub calls it from its single dispatcher task and carries out the
 //! [`Effect`]s it returns (fan-out, notices, fetches from peers).
 //!
-//! For each topic covered by a history [`Rule`] the worker keeps a [`Stream`]: the epoch, the
+//! For each topic covered by a history [`Rule`] the worker keeps a stream: the epoch, the
 //! contiguous run of recent messages (the history), and `next`, the offset expected next.
 //!
 //! ```text
