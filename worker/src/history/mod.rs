@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 /// Fetch attempts for one hole before it is declared lost; later attempts wait a little so a
 /// peer that was only slightly behind has caught up.
 const FETCH_ATTEMPTS: u32 = 3;
+/// How many times `repair_timeout` a fill of a quiet topic (no live message waiting) may take.
+const QUIET_FILL_PATIENCE: u32 = 10;
 /// Epochs of a topic remembered as finished: their late messages are stale, not a new reset.
 const RETIRED_EPOCHS: usize = 4;
 /// When the memory cap is passed, evict down to this share of it so eviction runs in batches.
@@ -555,9 +557,16 @@ impl Streams {
             2 => 100,
             _ => 400,
         });
+        // Nothing live waits on a fill of a quiet topic, so it may queue behind other fetches
+        // (a late worker fills every quiet topic at once) for longer.
+        let patience = if s.held.is_empty() && s.filling {
+            self.settings.repair_timeout * QUIET_FILL_PATIENCE
+        } else {
+            self.settings.repair_timeout
+        };
         s.fetch = Some(PendingFetch {
             id: self.next_fetch_id,
-            deadline: now + delay + self.settings.repair_timeout,
+            deadline: now + delay + patience,
             attempt,
         });
         out.push(Effect::Fetch(FetchRequest {
