@@ -10,6 +10,11 @@ cd "$here"
 # cargo-fuzz needs nightly-only sanitizer flags; RUSTC_BOOTSTRAP lets the stable toolchain
 # accept them.
 export RUSTC_BOOTSTRAP=1
+# Build every target first, so that one that no longer compiles fails the run with the
+# compiler's message instead of passing quietly below.
+cargo fuzz build || { echo "fuzz: a target does not build"; exit 1; }
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for target in $(cargo fuzz list); do
   if [ -d "regressions/$target" ]; then
     echo "fuzz: $target: replaying regressions"
@@ -18,8 +23,13 @@ for target in $(cargo fuzz list); do
   fi
   echo "fuzz: $target: ${seconds}s"
   mkdir -p "corpus/$target"
-  cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" 2>&1 | grep -E "^Done|panicked|ERROR|SUMMARY" || true
+  status=0
+  cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" >"$log" 2>&1 || status=$?
+  grep -E "^Done|panicked|ERROR|SUMMARY" "$log" || true
   if [ -n "$(ls -A "artifacts/$target" 2>/dev/null)" ]; then
     echo "fuzz: $target found a crash: $(ls "artifacts/$target")"; exit 1
+  fi
+  if [ "$status" -ne 0 ]; then
+    echo "fuzz: $target failed (exit $status):"; tail -30 "$log"; exit 1
   fi
 done
