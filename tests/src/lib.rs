@@ -4,6 +4,7 @@
 //!
 //! Every wait has a deadline: [`eventually`] polls a condition; client reads time out.
 
+pub mod bench;
 pub mod client;
 pub mod publisher;
 

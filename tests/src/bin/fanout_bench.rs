@@ -22,17 +22,24 @@
 use anyhow::{bail, ensure, Context, Result};
 use bytes::{Buf, BytesMut};
 use clap::{Parser, ValueEnum};
-use harness::{http_request, metric_value, WsClient};
-use rand::{Rng, SeedableRng};
+use harness::bench::feed::PubThread;
+use harness::bench::procfs::{
+    clock_ticks_per_second, cpus_allowed, machine_cpus, open_files_limit, proc_cpu_ticks,
+    proc_status_kib, CpuSample,
+};
+use harness::bench::scrape::{scrape, Scrape};
+use harness::bench::wire::{compressed_header, frame_bounds, message_header, READ_BUF};
+use harness::bench::worker_child::{worker_bin, WorkerChild};
+use harness::bench::{ms, thousands};
+use harness::WsClient;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Hard cap on subscribers: this process and the worker each hold one socket per subscriber
@@ -157,19 +164,7 @@ fn bench_main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let worker_bin = match &args.worker_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("current exe has no directory")?
-            .join("worker"),
-    };
-    ensure!(
-        worker_bin.is_file(),
-        "worker binary {} not found; build it with `cargo build --release -p pushfleet-worker \
-         --bin worker` or pass --worker-bin",
-        worker_bin.display()
-    );
+    let worker_bin = worker_bin(args.worker_bin.as_deref())?;
     let clk_tck = clock_ticks_per_second();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
@@ -279,8 +274,23 @@ async fn run_scenario(
             " with --no-compression"
         }
     );
-    let publisher = PubThread::start(args.topic.clone(), args.payload_bytes).await?;
-    let worker = WorkerProc::start(args, worker_bin, &publisher.endpoint, deflate, label)?;
+    let publisher = PubThread::start(args.payload_bytes).await?;
+    let mut worker_args = vec![
+        "--publisher".to_string(),
+        publisher.endpoint.clone(),
+        "--outbound-queue-bytes".to_string(),
+        "67108864".to_string(),
+    ];
+    if !deflate {
+        worker_args.push("--no-compression".to_string());
+    }
+    let worker = WorkerChild::start(
+        worker_bin,
+        args.worker_cpu.as_deref(),
+        "fanout_bench",
+        label,
+        &worker_args,
+    )?;
     let (ws_addr, admin) = worker
         .wait_announce(Duration::from_secs(15))
         .await
@@ -384,7 +394,8 @@ async fn run_scenario(
     // Prime: publish slowly until every subscriber has seen a message (the worker subscribes
     // upstream only once clients subscribe, and ZeroMQ subscriptions take a moment to apply).
     let prime_stop = CancellationToken::new();
-    let prime = publisher.run(50.0, None, prime_stop.clone());
+    let topics = std::slice::from_ref(&args.topic);
+    let prime = publisher.run(topics, 50.0, None, prime_stop.clone());
     let primed = harness::eventually(
         Duration::from_secs(30),
         "every subscriber receives a first message",
@@ -405,7 +416,7 @@ async fn run_scenario(
         let count = u64::from(args.rate) * args.warmup_seconds;
         eprintln!("[{label}] warm-up: {count} messages at {} msg/s", args.rate);
         let warm = publisher
-            .run(rate, Some(count), CancellationToken::new())
+            .run(topics, rate, Some(count), CancellationToken::new())
             .await??;
         published_so_far += warm.published;
     }
@@ -422,11 +433,9 @@ async fn run_scenario(
         .store(window_start + count, Ordering::Release);
     shared.window_start.store(window_start, Ordering::Release);
     let m0 = scrape(admin).await?;
-    let split0 = proc_cpu_split(&worker.pid.to_string())?;
-    let cpu0 = split0.0 + split0.1;
-    let self0 = proc_cpu_ticks("self")?;
+    let sample0 = CpuSample::take(worker.pid)?;
+    let cpu0 = sample0.worker_ticks();
     let inflations0 = shared.inflations.load(Ordering::Acquire);
-    let machine0 = machine_busy_ticks()?;
     let t0 = Instant::now();
     let t0_us = harness::publisher::now_us();
     eprintln!(
@@ -434,7 +443,7 @@ async fn run_scenario(
         args.rate,
         thousands(expected)
     );
-    let mut window = publisher.run(rate, Some(count), CancellationToken::new());
+    let mut window = publisher.run(topics, rate, Some(count), CancellationToken::new());
     let mut report = None;
     let mut drain_deadline = None;
     let mut next_tick = t0 + Duration::from_secs(1);
@@ -479,11 +488,8 @@ async fn run_scenario(
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let wall = t0.elapsed();
-    let split1 = proc_cpu_split(&worker.pid.to_string())?;
-    let cpu1 = split1.0 + split1.1;
-    let self1 = proc_cpu_ticks("self")?;
+    let cpu = CpuSample::take(worker.pid)?.since(&sample0, clk_tck);
     let inflations1 = shared.inflations.load(Ordering::Acquire);
-    let machine1 = machine_busy_ticks()?;
     let m1 = scrape(admin).await?;
     let rss_after_kib = proc_status_kib(worker.pid, "VmRSS")?;
     let rss_peak_kib = proc_status_kib(worker.pid, "VmHWM")?;
@@ -537,17 +543,11 @@ async fn run_scenario(
         stats,
         sub_errors,
         first_sub_error,
-        worker_cpu: Duration::from_secs_f64((cpu1 - cpu0) as f64 / clk_tck),
-        worker_user: Duration::from_secs_f64((split1.0 - split0.0) as f64 / clk_tck),
-        bench_cpu: Duration::from_secs_f64((self1 - self0) as f64 / clk_tck),
-        machine_busy: Duration::from_secs_f64((machine1 - machine0) as f64 / clk_tck),
-        machine_cpus: std::fs::read_to_string("/proc/stat")
-            .map(|s| {
-                s.lines()
-                    .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-                    .count()
-            })
-            .unwrap_or(0),
+        worker_cpu: cpu.worker,
+        worker_user: cpu.worker_user,
+        bench_cpu: cpu.bench,
+        machine_busy: cpu.machine,
+        machine_cpus: machine_cpus(),
         wall,
         worker_threads,
         rss_before_kib,
@@ -728,7 +728,7 @@ async fn subscriber_inner(
             match b0 & 0x0F {
                 1 => {
                     let header = if b0 & 0x40 != 0 {
-                        compressed_header(payload, shared)?
+                        compressed_header(payload, &shared.inflations, 1024)?
                     } else {
                         message_header(payload).map(|(o, ts)| (o, ts, payload.len()))
                     };
@@ -761,27 +761,6 @@ async fn subscriber_inner(
         stats.tail_missing = end.saturating_sub(got_to);
     }
     Ok(stats)
-}
-
-/// Bytes a subscriber reads at a time (its buffer grows for larger frames).
-const READ_BUF: usize = 8 * 1024;
-
-/// `(first byte, payload start, payload length)` of the first complete frame in `b`.
-fn frame_bounds(b: &[u8]) -> Result<Option<(u8, usize, usize)>> {
-    if b.len() < 2 {
-        return Ok(None);
-    }
-    ensure!(b[1] & 0x80 == 0, "server frame is masked");
-    let (len, at) = match b[1] & 0x7F {
-        126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
-        127 if b.len() >= 10 => (
-            usize::try_from(u64::from_be_bytes(b[2..10].try_into()?))?,
-            10,
-        ),
-        126 | 127 => return Ok(None),
-        n => (usize::from(n), 2),
-    };
-    Ok((b.len() >= at + len).then_some((b[0], at, len)))
 }
 
 /// One subscriber's view of the offsets it receives; shared counters are updated once per read.
@@ -849,63 +828,6 @@ impl Tracker {
             shared.done.fetch_add(1, Ordering::AcqRel);
         }
     }
-}
-
-/// `(offset, ts)` of a `message` push. Reads the fixed header the worker writes before the
-/// payload; falls back to a full JSON parse.
-fn message_header(json: &[u8]) -> Option<(u64, u64)> {
-    if !json.starts_with(br#"{"type":"message""#) {
-        return None;
-    }
-    let head = &json[..json.len().min(1024)];
-    let fast = number_after(head, br#""offset":"#).zip(number_after(head, br#""ts":"#));
-    fast.or_else(|| {
-        let v: serde_json::Value = serde_json::from_slice(json).ok()?;
-        Some((v["position"]["offset"].as_u64()?, v["ts"].as_u64()?))
-    })
-}
-
-/// `(offset, ts, JSON length)` of a compressed `message` push.
-///
-/// Compress-once means every subscriber gets the very same bytes for a message, and inflating
-/// is a pure function of them: each distinct compressed payload is inflated (and so checked)
-/// once per runtime thread and its header remembered. A subscriber that got different bytes
-/// misses the cache and is inflated on its own. This keeps the bench's CPU per delivery far
-/// below the worker's. Misses are counted: they should be about one per message per thread.
-fn compressed_header(payload: &[u8], shared: &Shared) -> Result<Option<(u64, u64, usize)>> {
-    type Header = Option<(u64, u64, usize)>;
-    thread_local! {
-        // Two generations, so the cache stays bounded without forgetting messages in flight.
-        static SEEN: std::cell::RefCell<[std::collections::HashMap<Vec<u8>, Header>; 2]> =
-            Default::default();
-    }
-    const GENERATION: usize = 1024;
-    SEEN.with(|cell| {
-        let mut seen = cell.borrow_mut();
-        if let Some(h) = seen.iter().find_map(|g| g.get(payload)) {
-            return Ok(*h);
-        }
-        shared.inflations.fetch_add(1, Ordering::Relaxed);
-        let json = worker::ws::deflate::inflate(payload, 64 << 20)
-            .map_err(|e| anyhow::anyhow!("bad deflate data from the worker: {e:?}"))?;
-        let header = message_header(&json).map(|(o, ts)| (o, ts, json.len()));
-        if seen[0].len() >= GENERATION {
-            seen[1] = std::mem::take(&mut seen[0]);
-        }
-        seen[0].insert(payload.to_vec(), header);
-        Ok(header)
-    })
-}
-
-fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let at = (0..=hay.len().checked_sub(key.len())?)
-        .find(|&i| hay[i..i + key.len()].iter().zip(key).all(|(a, b)| a == b))?
-        + key.len();
-    let digits = hay[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&hay[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1004,496 +926,7 @@ impl Histogram {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The publisher: its own thread and runtime, so that pacing and timestamps are not delayed
-// behind thousands of subscriber tasks.
-
-struct PubThread {
-    endpoint: String,
-    tx: Option<mpsc::UnboundedSender<PubRun>>,
-    shutdown: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-struct PubRun {
-    rate: f64,
-    count: Option<u64>,
-    stop: CancellationToken,
-    done: oneshot::Sender<Result<RunReport>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RunReport {
-    published: u64,
-    elapsed: Duration,
-    max_lag: Duration,
-}
-
-impl PubThread {
-    async fn start(topic: String, payload_bytes: usize) -> Result<PubThread> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<PubRun>();
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<String>>();
-        let shutdown = CancellationToken::new();
-        let sd = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name("publisher".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.into()));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let mut publisher = match harness::Publisher::bind().await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(publisher.endpoint.clone()));
-                    let mut payloads = PayloadGen::new(payload_bytes);
-                    loop {
-                        let run = tokio::select! {
-                            r = rx.recv() => match r { Some(r) => r, None => return },
-                            _ = sd.cancelled() => return,
-                        };
-                        let stop = run.stop.clone();
-                        let result = tokio::select! {
-                            r = publish_run(&mut publisher, &topic, &mut payloads, &run, &stop) => r,
-                            _ = sd.cancelled() => return,
-                        };
-                        let _ = run.done.send(result);
-                    }
-                });
-            })?;
-        let endpoint = ready_rx.await.context("publisher thread died")??;
-        Ok(PubThread {
-            endpoint,
-            tx: Some(tx),
-            shutdown,
-            thread: Some(thread),
-        })
-    }
-
-    /// Publishes `count` messages (or until `stop`) at `rate` per second.
-    fn run(
-        &self,
-        rate: f64,
-        count: Option<u64>,
-        stop: CancellationToken,
-    ) -> oneshot::Receiver<Result<RunReport>> {
-        let (done, rx) = oneshot::channel();
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(PubRun {
-                rate,
-                count,
-                stop,
-                done,
-            });
-        }
-        rx
-    }
-}
-
-impl Drop for PubThread {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn publish_run(
-    publisher: &mut harness::Publisher,
-    topic: &str,
-    payloads: &mut PayloadGen,
-    run: &PubRun,
-    stop: &CancellationToken,
-) -> Result<RunReport> {
-    let start = tokio::time::Instant::now();
-    let mut max_lag = Duration::ZERO;
-    let mut k = 0u64;
-    while run.count.is_none_or(|c| k < c) && !stop.is_cancelled() {
-        let due = start + Duration::from_secs_f64(k as f64 / run.rate);
-        tokio::select! {
-            _ = tokio::time::sleep_until(due) => {}
-            _ = stop.cancelled() => break,
-        }
-        max_lag = max_lag.max(tokio::time::Instant::now().saturating_duration_since(due));
-        let payload = payloads.next();
-        publisher.publish(topic, payload.as_bytes()).await?;
-        k += 1;
-    }
-    Ok(RunReport {
-        published: k,
-        elapsed: start.elapsed(),
-        max_lag,
-    })
-}
-
-/// Realistic live sports-event JSON, about `target` bytes, different in every message (so the
-/// compression ratio is what a live feed would get, not that of a repeated string).
-struct PayloadGen {
-    target: usize,
-    seq: u64,
-    rng: rand::rngs::StdRng,
-}
-
-impl PayloadGen {
-    fn new(target: usize) -> Self {
-        PayloadGen {
-            target,
-            seq: 0,
-            rng: rand::rngs::StdRng::seed_from_u64(4711),
-        }
-    }
-
-    fn next(&mut self) -> String {
-        const EVENTS: &[&str] = &[
-            "shot_on_target",
-            "shot_off_target",
-            "corner",
-            "free_kick",
-            "foul",
-            "offside",
-            "throw_in",
-            "goal_kick",
-            "yellow_card",
-            "substitution",
-            "save",
-            "possession_change",
-        ];
-        const PLAYERS: &[(&str, &str, u8, &str)] = &[
-            ("p-204", "Vinícius Júnior", 7, "home"),
-            ("p-118", "Jude Bellingham", 5, "home"),
-            ("p-331", "Kylian Mbappé", 9, "home"),
-            ("p-077", "Federico Valverde", 8, "home"),
-            ("p-512", "Erling Haaland", 9, "away"),
-            ("p-530", "Phil Foden", 47, "away"),
-            ("p-545", "Rodri", 16, "away"),
-            ("p-561", "Bernardo Silva", 20, "away"),
-        ];
-        const PHRASES: &[&str] = &[
-            "Pressing high up the pitch and forcing the defence back.",
-            "A quick one-two on the left flank opens up space in the box.",
-            "The keeper comes off his line to claim a dangerous cross.",
-            "Patient build-up play from the back, probing for an opening.",
-            "The referee waves play on after a coming-together in midfield.",
-            "A long diagonal ball switches play to the right wing.",
-            "The crowd roars as the home side win a corner.",
-            "Tired legs now; both managers are looking at the bench.",
-        ];
-        self.seq += 1;
-        let r = &mut self.rng;
-        let seq = self.seq;
-        let minute = 1 + (seq / 20) % 95;
-        let (pid, pname, number, team) = PLAYERS[r.random_range(0..PLAYERS.len())];
-        let event = EVENTS[r.random_range(0..EVENTS.len())];
-        let (hs, as_) = ((seq / 700) % 5, (seq / 1100) % 4);
-        let poss: u32 = r.random_range(38..63);
-        let mut s = String::with_capacity(self.target + 128);
-        // The core of the event, always present (~260 B).
-        let _ = write!(
-            s,
-            concat!(
-                r#"{{"event_id":"evt-4711-{seq:07}","match":{{"id":4711,"status":"{status}","#,
-                r#""minute":{minute},"score":{{"home":{hs},"away":{as_}}}}},"#,
-                r#""event":{{"seq":{seq},"type":"{event}","team":"{team}","#,
-                r#""player":{{"id":"{pid}","name":"{pname}","number":{number}}},"#,
-                r#""x":{x:.1},"y":{y:.1},"xg":{xg:.2}}}"#
-            ),
-            seq = seq,
-            status = if minute <= 45 { "1H" } else { "2H" },
-            minute = minute,
-            hs = hs,
-            as_ = as_,
-            event = event,
-            team = team,
-            pid = pid,
-            pname = pname,
-            number = number,
-            x = r.random_range(0.0..105.0f64),
-            y = r.random_range(0.0..68.0f64),
-            xg = r.random_range(0.0..0.8f64),
-        );
-        // Then whatever else fits, most useful first.
-        let extras = [
-            format!(
-                r#","odds":{{"1x2":{{"home":{:.2},"draw":{:.2},"away":{:.2}}},"over_2_5":{:.2}}}"#,
-                r.random_range(1.2..3.5f64),
-                r.random_range(2.8..5.0f64),
-                r.random_range(1.8..9.0f64),
-                r.random_range(1.3..2.6f64),
-            ),
-            format!(
-                r#","stats":{{"possession":[{poss},{}],"shots":[{},{}],"corners":[{},{}]}}"#,
-                100 - poss,
-                seq % 23,
-                seq % 17,
-                seq % 11,
-                seq % 9,
-            ),
-            concat!(
-                r#","teams":{"home":{"id":"t-541","name":"Real Madrid","short":"RMA"},"#,
-                r#""away":{"id":"t-50","name":"Manchester City","short":"MCI"}}"#
-            )
-            .to_string(),
-            concat!(
-                r#","competition":{"id":"uefa-cl","name":"UEFA Champions League","#,
-                r#""season":"2025/26","stage":"Round of 16"}"#
-            )
-            .to_string(),
-        ];
-        for extra in extras {
-            if s.len() + extra.len() < self.target {
-                s.push_str(&extra);
-            }
-        }
-        // Pad with commentary up to the target size.
-        let room = self.target.saturating_sub(s.len() + 17);
-        if room > 0 {
-            let mut text = String::with_capacity(room + 80);
-            while text.len() < room {
-                if !text.is_empty() {
-                    text.push(' ');
-                }
-                text.push_str(PHRASES[r.random_range(0..PHRASES.len())]);
-            }
-            let mut cut = room.min(text.len());
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            let _ = write!(s, r#","commentary":"{text}""#);
-        }
-        s.push('}');
-        s
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The worker child process.
-
-struct WorkerProc {
-    child: Option<Child>,
-    pid: u32,
-    dir: PathBuf,
-    announce: PathBuf,
-    log_path: PathBuf,
-    keep_dir: bool,
-}
-
-impl WorkerProc {
-    fn start(
-        args: &Args,
-        bin: &Path,
-        endpoint: &str,
-        deflate: bool,
-        label: &str,
-    ) -> Result<WorkerProc> {
-        let dir = std::env::temp_dir().join(format!(
-            "fanout_bench-{}-{label}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let announce = dir.join("announce.json");
-        let log_path = dir.join("worker.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = match &args.worker_cpu {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpus).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        cmd.arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--admin-listen")
-            .arg("127.0.0.1:0")
-            .arg("--announce-file")
-            .arg(&announce)
-            .arg("--publisher")
-            .arg(endpoint)
-            .arg("--outbound-queue-bytes")
-            .arg("67108864");
-        if !deflate {
-            cmd.arg("--no-compression");
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(WorkerProc {
-            pid: child.id(),
-            child: Some(child),
-            dir,
-            announce,
-            log_path,
-            keep_dir: true,
-        })
-    }
-
-    /// Waits for the announce file; returns the WebSocket and admin addresses.
-    async fn wait_announce(&self, within: Duration) -> Result<(SocketAddr, SocketAddr)> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&self.announce) {
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .with_context(|| format!("bad announce file: {text}"))?;
-                let addr = |k: &str| -> Result<SocketAddr> {
-                    v[k].as_str()
-                        .with_context(|| format!("announce file has no {k:?}: {text}"))?
-                        .parse()
-                        .with_context(|| format!("bad {k:?} address in {text}"))
-                };
-                return Ok((addr("ws")?, addr("admin")?));
-            }
-            if !Path::new(&format!("/proc/{}", self.pid)).exists() || self.exited() {
-                bail!("worker exited before announcing its ports");
-            }
-            if Instant::now() >= deadline {
-                bail!("worker did not write its announce file within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn exited(&self) -> bool {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return true;
-        };
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
-    }
-
-    fn log_hint(&self) -> String {
-        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "worker log {} (kept); last lines:\n{}",
-            self.log_path.display(),
-            tail.join("\n")
-        )
-    }
-
-    /// Kills the worker now (the drain would take minutes with thousands of clients) and
-    /// removes its files unless `keep_dir`. Dropped without this (errors), the files stay.
-    fn stop(mut self, keep_dir: bool) {
-        self.keep_dir = keep_dir;
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if self.keep_dir {
-            eprintln!("worker files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc and admin metrics.
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|&t| t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime in clock ticks of `/proc/<pid>/stat` (`pid` may be `self`).
-fn proc_cpu_ticks(pid: &str) -> Result<u64> {
-    let (user, system) = proc_cpu_split(pid)?;
-    Ok(user + system)
-}
-
-/// (utime, stime) in clock ticks of `/proc/<pid>/stat`.
-fn proc_cpu_split(pid: &str) -> Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let (_, rest) = stat.rsplit_once(") ").context("bad /proc stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    ensure!(f.len() > 13, "short /proc/{pid}/stat");
-    Ok((f[11].parse()?, f[12].parse()?))
-}
-
-/// A numeric field of `/proc/<pid>/status` (kB for memory fields).
-fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// Busy (non-idle, non-iowait) clock ticks of all CPUs, from `/proc/stat`.
-fn machine_busy_ticks() -> Result<u64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    ensure!(f.len() >= 5, "short /proc/stat");
-    Ok(f.iter().sum::<u64>() - f[3] - f[4])
-}
-
-fn cpus_allowed(pid: &str) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|s| s.trim().to_string())
-}
-
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-struct Scrape(String);
-
-impl Scrape {
-    fn get(&self, name: &str) -> f64 {
-        metric_value(&self.0, name)
-    }
-}
-
-async fn scrape(admin: SocketAddr) -> Result<Scrape> {
-    let (status, body) = http_request(admin, "GET", "/metrics").await?;
-    ensure!(status == 200, "GET /metrics answered {status}");
-    Ok(Scrape(body))
-}
+// Admin metrics.
 
 /// Worker counters over the measurement window.
 #[derive(Debug, Clone, Copy, Default)]
@@ -1532,20 +965,6 @@ impl MetricsDelta {
 
 // ---------------------------------------------------------------------------------------------
 // Output.
-
-fn thousands(v: u64) -> String {
-    let digits = v.to_string().into_bytes();
-    let groups: Vec<&str> = digits
-        .rchunks(3)
-        .rev()
-        .map(|g| std::str::from_utf8(g).expect("ASCII digits"))
-        .collect();
-    groups.join(",")
-}
-
-fn ms(us: u64) -> String {
-    format!("{:.2} ms", us as f64 / 1000.0)
-}
 
 fn print_outcome(args: &Args, o: &Outcome) {
     let m = &o.metrics;
@@ -1805,31 +1224,6 @@ mod tests {
                 rep.abs_diff(v) as f64 <= (v as f64 * 0.016).max(1.0),
                 "{v} -> {rep}"
             );
-        }
-    }
-
-    #[test]
-    fn reads_the_message_header() {
-        let json = protocol::client::encode_message(
-            "t\"ts\":1",
-            Some(protocol::Position {
-                epoch: 9,
-                offset: 42,
-            }),
-            Some(1234),
-            br#"{"ts":5,"offset":6}"#,
-        );
-        assert_eq!(message_header(&json), Some((42, 1234)));
-        assert_eq!(message_header(br#"{"type":"ack"}"#), None);
-    }
-
-    #[test]
-    fn payloads_are_json_near_the_target_size() {
-        let mut g = PayloadGen::new(500);
-        for _ in 0..100 {
-            let p = g.next();
-            serde_json::from_str::<serde_json::Value>(&p).unwrap();
-            assert!((480..=520).contains(&p.len()), "{}: {p}", p.len());
         }
     }
 }
