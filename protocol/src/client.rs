@@ -254,11 +254,11 @@ pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestE
                 let p: JsonPosition = serde_json::from_value(v.clone()).map_err(|_| {
                     bad(r#""since" must be {"epoch":"<16 hex digits>","offset":<integer>}"#.into())
                 })?;
-                if p.epoch.is_empty() || p.epoch.len() > 16 {
-                    return Err(bad("\"since.epoch\" must be 1 to 16 hex digits".into()));
-                }
                 Some(Position::try_from(&p).map_err(|_| {
-                    bad(format!("\"since.epoch\" {:?} is not hexadecimal", p.epoch))
+                    bad(format!(
+                        "\"since.epoch\" {:?} is not 1 to 16 hex digits",
+                        p.epoch
+                    ))
                 })?)
             }
         };
@@ -554,6 +554,7 @@ mod tests {
             r#"{"op":"subscribe","topic":"a","since":{"epoch":"","offset":1}}"#,
             r#"{"op":"subscribe","topic":"a","since":{"epoch":"00000000000000001","offset":1}}"#,
             r#"{"op":"subscribe","topic":"a","since":{"epoch":"01"}}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"epoch":"+1","offset":1}}"#,
         ] {
             assert_eq!(code(bad_history), ErrorCode::BadRequest, "{bad_history}");
         }

@@ -48,11 +48,24 @@ impl From<Position> for JsonPosition {
     }
 }
 
+/// Reads an epoch written as 1 to 16 hex digits (no sign, no prefix).
+pub fn parse_epoch(text: &str) -> Option<u64> {
+    let digits_only =
+        !text.is_empty() && text.len() <= 16 && text.bytes().all(|b| b.is_ascii_hexdigit());
+    digits_only
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
+}
+
+/// The epoch of a [`JsonPosition`] is not 1 to 16 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadEpoch;
+
 impl TryFrom<&JsonPosition> for Position {
-    type Error = std::num::ParseIntError;
+    type Error = BadEpoch;
     fn try_from(p: &JsonPosition) -> Result<Self, Self::Error> {
         Ok(Position {
-            epoch: u64::from_str_radix(&p.epoch, 16)?,
+            epoch: parse_epoch(&p.epoch).ok_or(BadEpoch)?,
             offset: p.offset,
         })
     }
@@ -69,6 +82,15 @@ mod tests {
             let j = JsonPosition::from(p);
             assert_eq!(j.epoch.len(), 16);
             assert_eq!(Position::try_from(&j).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn epochs_are_only_hex_digits() {
+        assert_eq!(parse_epoch("ff"), Some(255));
+        assert_eq!(parse_epoch("FFFFFFFFFFFFFFFF"), Some(u64::MAX));
+        for bad in ["", "+1", "-1", "0x1", "00000000000000001", " 1", "g"] {
+            assert_eq!(parse_epoch(bad), None, "{bad:?}");
         }
     }
 

@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing, Push};
 use crate::peers::Peers;
 use crate::ws::frame::{self, Opcode};
-use protocol::client::{Filter, HistoryRequest, ServerMessage};
+use bytes::Bytes;
+use protocol::client::{Filter, HistoryRequest, NotRecovered, ServerMessage};
 use protocol::publish::{Inbound, Published};
 use protocol::Position;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -340,10 +341,38 @@ impl Hub {
             .streams
             .replay(&p.topic, p.request, last_chance, now, &mut out);
         self.effects.extend(out);
-        let (reply, messages) = match replay {
+        let (mut reply, messages) = match replay {
             Replay::Wait => return self.parked.push(p),
             Replay::Ready { reply, messages } => (reply, messages),
         };
+        // A replay must fit in half the connection's queue (the rest is for live messages),
+        // or the client would be closed as a slow consumer before it got anything.
+        let mut frames: Vec<Bytes> = messages
+            .iter()
+            .map(|m| m.frame(p.sub.encoding, &self.compression, &self.metrics))
+            .collect();
+        let budget = p.sub.outbox.limit() / 2;
+        if frames.iter().map(Bytes::len).sum::<usize>() > budget {
+            if reply.recovered == Some(true) {
+                reply.recovered = Some(false);
+                reply.reason = Some(NotRecovered::TooManyMissed.as_str().into());
+                if p.request.last.is_none() {
+                    frames.clear();
+                }
+            }
+            // Keep the newest messages that fit.
+            let mut kept = 0;
+            let fit = frames
+                .iter()
+                .rev()
+                .take_while(|f| {
+                    kept += f.len();
+                    kept <= budget
+                })
+                .count();
+            frames.drain(..frames.len() - fit);
+            reply.replayed = frames.len() as u64;
+        }
         let outcome = match (&reply.recovered, &reply.reason) {
             (Some(true), _) => "recovered",
             (_, Some(reason)) => reason.as_str(),
@@ -353,7 +382,7 @@ impl Hub {
             .history_requests
             .with_label_values(&[outcome])
             .inc();
-        self.metrics.replayed_messages.inc_by(messages.len() as u64);
+        self.metrics.replayed_messages.inc_by(reply.replayed);
         let filter = Filter::Topic(p.topic.to_string());
         self.register(&p.sub, &filter);
         p.sub.send(&ServerMessage::Ack {
@@ -363,14 +392,13 @@ impl Hub {
             prefix: None,
             history: Some(reply),
         });
-        for m in messages {
-            let frame = m.frame(p.sub.encoding, &self.compression, &self.metrics);
+        for frame in frames {
             let pushed = p.sub.outbox.push(Outgoing {
                 frame,
                 published_at_us: None,
             });
             if pushed != Push::Queued {
-                break; // overflowed (the connection closes with 4001) or gone
+                break; // gone, or live messages filled the other half meanwhile
             }
         }
     }

@@ -67,6 +67,11 @@ impl Outbox {
         }
     }
 
+    /// The bound, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Queues a frame unless that would pass the bound.
     pub fn push(&self, item: Outgoing) -> Push {
         let mut s = self.state.lock();

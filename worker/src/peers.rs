@@ -171,8 +171,8 @@ pub fn parse_history_query(query: &str, max_limit: usize) -> Result<HistoryQuery
             "topic" => topic = Some(v.into_owned()),
             "epoch" => {
                 epoch = Some(
-                    u64::from_str_radix(&v, 16)
-                        .map_err(|_| format!("epoch {v:?} is not 1 to 16 hex digits"))?,
+                    protocol::position::parse_epoch(&v)
+                        .ok_or_else(|| format!("epoch {v:?} is not 1 to 16 hex digits"))?,
                 )
             }
             "from" => {
@@ -236,6 +236,7 @@ mod tests {
         );
         assert!(parse_history_query("limit=1", 10).is_err());
         assert!(parse_history_query("topic=x&epoch=zz", 10).is_err());
+        assert!(parse_history_query("topic=x&epoch=%2B1", 10).is_err());
         assert!(parse_history_query("topic=x&from=-1", 10).is_err());
         assert!(parse_history_query("topic=x&colour=red", 10).is_err());
     }

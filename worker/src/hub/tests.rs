@@ -251,3 +251,42 @@ fn a_new_epoch_resets_subscribers_and_a_lost_range_is_announced() {
     assert_eq!(got[0]["epoch"], "0000000000000002");
     assert_eq!(got[1]["position"]["epoch"], "0000000000000002");
 }
+
+#[test]
+fn a_replay_never_overflows_the_connections_queue() {
+    let mut h = hub_with(&["m.*"]);
+    let now = Instant::now();
+    for o in 0..100 {
+        h.inbound(msg("m.1", Some(o)), now);
+    }
+    // Frames are ~80 bytes; half of a 2,000-byte queue holds ~12 of them.
+    let small = Arc::new(Subscriber::new(1, Encoding::Plain, 2_000));
+    let last = HistoryRequest {
+        since: None,
+        last: Some(100),
+    };
+    subscribe(&mut h, &small, Filter::Topic("m.1".into()), Some(last));
+    let got = drain_json(&small);
+    let replayed = got[0]["history"]["replayed"].as_u64().unwrap() as usize;
+    assert!(replayed > 0 && replayed < 100, "{}", got[0]);
+    assert_eq!(got.len(), 1 + replayed, "not closed as a slow consumer");
+    assert_eq!(
+        got.last().unwrap()["position"]["offset"],
+        99,
+        "the newest kept"
+    );
+    // A resume that does not fit is not recovered, rather than partly replayed.
+    let resumer = Arc::new(Subscriber::new(2, Encoding::Plain, 2_000));
+    let since = HistoryRequest {
+        since: Some(Position {
+            epoch: 1,
+            offset: 9,
+        }),
+        last: None,
+    };
+    subscribe(&mut h, &resumer, Filter::Topic("m.1".into()), Some(since));
+    let got = drain_json(&resumer);
+    assert_eq!(got[0]["history"]["recovered"], false);
+    assert_eq!(got[0]["history"]["reason"], "too_many_missed");
+    assert_eq!(got.len(), 1);
+}
