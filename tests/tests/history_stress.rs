@@ -47,8 +47,11 @@ async fn history_requests_racing_a_fast_publisher_never_gap_or_repeat() -> Resul
             let mut tick = tokio::time::interval(Duration::from_millis(2));
             while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(180) {
                 tick.tick().await;
-                let due = start.elapsed().as_micros() as u64 * RATE / 1_000_000;
-                while n < due {
+                // A publisher that fell behind (a busy machine) does not try to catch up more
+                // than 100 ms at once, and stops as soon as it is asked to.
+                let due =
+                    (start.elapsed().as_micros() as u64 * RATE / 1_000_000).min(n + RATE / 10);
+                while n < due && !stop.load(Ordering::Relaxed) {
                     let topic = format!("s.{}", n as usize % TOPICS);
                     p.publish(&topic, format!("{{\"n\":{n}}}").as_bytes())
                         .await?;
@@ -60,6 +63,8 @@ async fn history_requests_racing_a_fast_publisher_never_gap_or_repeat() -> Resul
         }
     });
 
+    // Whatever happens below, the publisher stops when this test ends.
+    let _stop_publisher = StopOnDrop(stop.clone());
     let started = Instant::now();
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
@@ -157,4 +162,13 @@ async fn run_client(mut c: WsClient, i: usize) -> Result<(usize, usize)> {
         previous = Some(topic);
     }
     Ok((REQUESTS_PER_CLIENT, replayed_total))
+}
+
+/// Sets the flag when dropped (the test's early returns included).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
