@@ -161,6 +161,9 @@ pub struct Hub {
     peers: Peers,
     fetched_tx: mpsc::UnboundedSender<Fetched>,
     fetched_rx: Option<mpsc::UnboundedReceiver<Fetched>>,
+    /// Upstream prefixes subscribed for good (history topics): filters they cover need no
+    /// upstream subscription of their own, so client churn on them costs publishers nothing.
+    permanent: Vec<String>,
 }
 
 impl Hub {
@@ -174,8 +177,9 @@ impl Hub {
     ) -> Self {
         let (fetched_tx, fetched_rx) = mpsc::unbounded_channel();
         let mut registry = Registry::default();
-        for prefix in streams.upstream_prefixes() {
-            registry.interest.add(&prefix);
+        let permanent = streams.upstream_prefixes();
+        for prefix in &permanent {
+            registry.interest.add(prefix);
         }
         let hub = Hub {
             wanted: watch::Sender::new(Arc::new(registry.interest.wanted())),
@@ -190,6 +194,7 @@ impl Hub {
             peers,
             fetched_tx,
             fetched_rx: Some(fetched_rx),
+            permanent,
         };
         hub.metrics
             .upstream_subscriptions
@@ -472,7 +477,8 @@ impl Hub {
             return;
         }
         subs.push(sub.clone());
-        if r.interest.add(filter.text()) {
+        let covered = covered(&self.permanent, filter.text());
+        if !covered && r.interest.add(filter.text()) {
             self.publish_wanted();
         }
         self.metrics.subscriptions.inc();
@@ -492,7 +498,8 @@ impl Hub {
             map.remove(filter.text());
         }
         self.metrics.subscriptions.dec();
-        if r.interest.remove(filter.text()) {
+        let covered = covered(&self.permanent, filter.text());
+        if !covered && r.interest.remove(filter.text()) {
             self.publish_wanted();
         }
     }
@@ -551,6 +558,11 @@ impl Hub {
         }
         delivered
     }
+}
+
+/// Whether a filter's text is already received through one of `prefixes`.
+fn covered(prefixes: &[String], text: &str) -> bool {
+    prefixes.iter().any(|p| text.starts_with(p.as_str()))
 }
 
 /// Runs the hub until `stop`: messages from publishers, commands from connections, peer

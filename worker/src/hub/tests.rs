@@ -112,6 +112,22 @@ fn wanted_set_follows_subscribers_and_keeps_history_topics_for_good() {
     subscribe(&mut h, &a, t.clone(), None);
     subscribe(&mut h, &b, t.clone(), None);
     assert_eq!(w.borrow().iter().collect::<Vec<_>>(), vec!["h.", "x"]);
+    let covered = sub(3, Encoding::Plain);
+    subscribe(&mut h, &covered, Filter::Topic("h.1".into()), None);
+    subscribe(&mut h, &covered, Filter::Prefix("h".into()), None);
+    assert_eq!(
+        w.borrow().iter().collect::<Vec<_>>(),
+        vec!["h", "h.", "x"],
+        "h.1 comes through h. already; h does not"
+    );
+    h.command(
+        Command::Disconnected {
+            sub_id: 3,
+            filters: vec![Filter::Topic("h.1".into()), Filter::Prefix("h".into())],
+        },
+        Instant::now(),
+    );
+    assert_eq!(w.borrow().iter().collect::<Vec<_>>(), vec!["h.", "x"]);
     let now = Instant::now();
     h.command(
         Command::Disconnected {
