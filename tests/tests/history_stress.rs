@@ -80,7 +80,7 @@ async fn history_requests_racing_a_fast_publisher_never_gap_or_repeat() -> Resul
         let result = tokio::time::timeout(left, c)
             .await
             .context("clients did not finish within 240 s")
-            .and_then(|joined| Ok(joined??));
+            .and_then(|joined| joined?);
         let (r, h) = match result {
             Ok(done) => done,
             Err(e) => {
