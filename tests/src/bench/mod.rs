@@ -27,6 +27,60 @@ pub mod scrape;
 pub mod wire;
 pub mod worker_child;
 
+/// How the bench's clients are doing while they connect.
+pub struct Connecting<'a> {
+    /// Clients connected so far.
+    pub connected: &'a std::sync::atomic::AtomicUsize,
+    /// Clients that failed.
+    pub errors: &'a std::sync::atomic::AtomicU64,
+    /// The first failure, for the error message.
+    pub first_error: &'a dyn Fn() -> Option<String>,
+}
+
+/// Waits until `n` clients (`what`, e.g. "subscribers") are connected, with progress on stderr
+/// every second; fails on the first client error or when `timeout` has passed since `started`.
+pub async fn wait_connected(
+    c: Connecting<'_>,
+    n: usize,
+    what: &str,
+    started: std::time::Instant,
+    timeout: std::time::Duration,
+    label: &str,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let deadline = started + timeout;
+    let mut next_report = Instant::now() + Duration::from_secs(1);
+    loop {
+        let connected = c.connected.load(Ordering::Acquire);
+        let failed = c.errors.load(Ordering::Acquire);
+        if failed > 0 {
+            anyhow::bail!(
+                "[{label}] {failed} {what} failed while connecting ({connected}/{n} connected); \
+                 first error: {}",
+                (c.first_error)().unwrap_or_default()
+            );
+        }
+        if connected == n {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "[{label}] only {connected}/{n} {what} connected within {}s",
+                timeout.as_secs()
+            );
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(1);
+            eprintln!(
+                "[{label}] connecting: {connected}/{n} ({:.0}/s)",
+                connected as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `1234567` as `1,234,567`.
 pub fn thousands(v: u64) -> String {
     let digits = v.to_string().into_bytes();

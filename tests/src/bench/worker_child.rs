@@ -90,6 +90,29 @@ impl WorkerChild {
         })
     }
 
+    /// Starts the worker as [`WorkerChild::start`] does, waits (15 s at most) for its ports and
+    /// says on stderr where it runs; returns it with its WebSocket and admin addresses.
+    pub async fn launch(
+        bin: &Path,
+        cpus: Option<&str>,
+        bench: &str,
+        label: &str,
+        args: &[String],
+    ) -> Result<(WorkerChild, SocketAddr, SocketAddr)> {
+        let worker = WorkerChild::start(bin, cpus, bench, label, args)?;
+        let (ws_addr, admin) = worker
+            .wait_announce(Duration::from_secs(15))
+            .await
+            .with_context(|| worker.log_hint())?;
+        eprintln!(
+            "[{label}] worker pid {} ws {ws_addr} admin {admin} CPUs {} log {}",
+            worker.pid,
+            super::procfs::cpus_allowed(&worker.pid.to_string()).unwrap_or_else(|| "?".into()),
+            worker.log_path.display()
+        );
+        Ok((worker, ws_addr, admin))
+    }
+
     /// Waits for the announce file; returns the WebSocket and admin addresses.
     pub async fn wait_announce(&self, within: Duration) -> Result<(SocketAddr, SocketAddr)> {
         let deadline = Instant::now() + within;

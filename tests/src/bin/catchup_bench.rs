@@ -36,7 +36,7 @@ use harness::bench::procfs::{
 use harness::bench::scrape::{scrape, Scrape};
 use harness::bench::wire::{compressed_header, frame_bounds, message_header, READ_BUF};
 use harness::bench::worker_child::{worker_bin, WorkerChild};
-use harness::bench::{ms, thousands};
+use harness::bench::{ms, thousands, wait_connected, Connecting};
 use harness::publisher::now_us;
 use harness::WsClient;
 use std::net::SocketAddr;
@@ -319,23 +319,14 @@ async fn run(args: &Args) -> Result<Outcome> {
 
     let feed = PubThread::start(args.payload_bytes).await?;
     let worker_args = worker_args(args, &feed.endpoint);
-    let worker = WorkerChild::start(
+    let (worker, ws_addr, admin) = WorkerChild::launch(
         &bin,
         args.worker_cpu.as_deref(),
         "catchup_bench",
         label,
         &worker_args,
-    )?;
-    let (ws_addr, admin) = worker
-        .wait_announce(Duration::from_secs(15))
-        .await
-        .with_context(|| worker.log_hint())?;
-    eprintln!(
-        "[{label}] worker pid {} ws {ws_addr} admin {admin} CPUs {} log {}",
-        worker.pid,
-        cpus_allowed(&worker.pid.to_string()).unwrap_or_else(|| "?".into()),
-        worker.log_path.display()
-    );
+    )
+    .await?;
     let rss_start_kib = proc_status_kib(worker.pid, "VmRSS")?;
 
     let (fill_time, history_held) = fill_history(args, &feed, admin, &topics, label)
@@ -379,7 +370,21 @@ async fn run(args: &Args) -> Result<Outcome> {
             ))
         })
         .collect();
-    connect_all(&shared, connect_started, args, label).await?;
+    let connecting = Connecting {
+        connected: &shared.connected,
+        errors: &shared.errors,
+        first_error: &|| shared.first_error(),
+    };
+    let timeout = Duration::from_secs(args.connect_timeout_seconds);
+    wait_connected(
+        connecting,
+        args.clients,
+        "client(s)",
+        connect_started,
+        timeout,
+        label,
+    )
+    .await?;
     let connect_time = connect_started.elapsed();
     let negotiated_deflate = shared.negotiated.load(Ordering::Acquire);
     eprintln!(
@@ -667,46 +672,6 @@ async fn fill_history(
         )
     })?;
     Ok((fill_started.elapsed(), history_held))
-}
-
-/// Waits (bounded) until every client is connected; fails on the first client error.
-async fn connect_all(
-    shared: &Shared,
-    connect_started: Instant,
-    args: &Args,
-    label: &str,
-) -> Result<()> {
-    let n = args.clients;
-    let connect_deadline = connect_started + Duration::from_secs(args.connect_timeout_seconds);
-    let mut next_report = Instant::now() + Duration::from_secs(1);
-    loop {
-        let connected = shared.connected.load(Ordering::Acquire);
-        let failed = shared.errors.load(Ordering::Acquire);
-        if failed > 0 {
-            bail!(
-                "[{label}] {failed} client(s) failed while connecting ({connected}/{n} \
-                 connected); first error: {}",
-                shared.first_error().unwrap_or_default()
-            );
-        }
-        if connected == n {
-            return Ok(());
-        }
-        if Instant::now() >= connect_deadline {
-            bail!(
-                "[{label}] only {connected}/{n} clients connected within {}s",
-                args.connect_timeout_seconds
-            );
-        }
-        if Instant::now() >= next_report {
-            next_report += Duration::from_secs(1);
-            eprintln!(
-                "[{label}] connecting: {connected}/{n} ({:.0}/s)",
-                connected as f64 / connect_started.elapsed().as_secs_f64()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits (bounded) until every client has its history or gave up, with progress on stderr;

@@ -30,7 +30,7 @@ use harness::bench::procfs::{
 use harness::bench::scrape::{scrape, Scrape};
 use harness::bench::wire::{compressed_header, frame_bounds, message_header, READ_BUF};
 use harness::bench::worker_child::{worker_bin, WorkerChild};
-use harness::bench::{ms, thousands};
+use harness::bench::{ms, thousands, wait_connected, Connecting};
 use harness::WsClient;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -284,23 +284,14 @@ async fn run_scenario(
     if !deflate {
         worker_args.push("--no-compression".to_string());
     }
-    let worker = WorkerChild::start(
+    let (worker, ws_addr, admin) = WorkerChild::launch(
         worker_bin,
         args.worker_cpu.as_deref(),
         "fanout_bench",
         label,
         &worker_args,
-    )?;
-    let (ws_addr, admin) = worker
-        .wait_announce(Duration::from_secs(15))
-        .await
-        .with_context(|| worker.log_hint())?;
-    eprintln!(
-        "[{label}] worker pid {} ws {ws_addr} admin {admin} CPUs {} log {}",
-        worker.pid,
-        cpus_allowed(&worker.pid.to_string()).unwrap_or_else(|| "?".into()),
-        worker.log_path.display()
-    );
+    )
+    .await?;
     let upstream_up = harness::eventually(
         Duration::from_secs(10),
         "upstream connected",
@@ -334,36 +325,21 @@ async fn run_scenario(
             stop.clone(),
         )));
     }
-    let connect_deadline = connect_started + Duration::from_secs(args.connect_timeout_seconds);
-    let mut next_report = Instant::now() + Duration::from_secs(1);
-    loop {
-        let connected = shared.connected.load(Ordering::Acquire);
-        let failed = shared.errors.load(Ordering::Acquire);
-        if failed > 0 {
-            bail!(
-                "[{label}] {failed} subscriber(s) failed while connecting ({connected}/{n} \
-                 connected); first error: {}",
-                shared.first_error().unwrap_or_default()
-            );
-        }
-        if connected == n {
-            break;
-        }
-        if Instant::now() >= connect_deadline {
-            bail!(
-                "[{label}] only {connected}/{n} subscribers connected within {}s",
-                args.connect_timeout_seconds
-            );
-        }
-        if Instant::now() >= next_report {
-            next_report += Duration::from_secs(1);
-            eprintln!(
-                "[{label}] connecting: {connected}/{n} ({:.0}/s)",
-                connected as f64 / connect_started.elapsed().as_secs_f64()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let connecting = Connecting {
+        connected: &shared.connected,
+        errors: &shared.errors,
+        first_error: &|| shared.first_error(),
+    };
+    let timeout = Duration::from_secs(args.connect_timeout_seconds);
+    wait_connected(
+        connecting,
+        n,
+        "subscriber(s)",
+        connect_started,
+        timeout,
+        label,
+    )
+    .await?;
     let connect_time = connect_started.elapsed();
     let negotiated_deflate = shared.negotiated.load(Ordering::Acquire);
     eprintln!(
