@@ -164,6 +164,8 @@ pub struct Hub {
     /// Upstream prefixes subscribed for good (history topics): filters they cover need no
     /// upstream subscription of their own, so client churn on them costs publishers nothing.
     permanent: Vec<String>,
+    /// Reused buffer for what the streams return, so the hot path does not allocate.
+    scratch: Vec<Effect>,
 }
 
 impl Hub {
@@ -195,6 +197,7 @@ impl Hub {
             fetched_tx,
             fetched_rx: Some(fetched_rx),
             permanent,
+            scratch: Vec::new(),
         };
         hub.metrics
             .upstream_subscriptions
@@ -215,16 +218,18 @@ impl Hub {
                 let Ok(topic) = std::str::from_utf8(&p.topic) else {
                     return;
                 };
-                if p.position.is_some() && self.streams.rule_for(topic).is_some() {
+                let rule = p.position.and_then(|_| self.streams.rule_for(topic));
+                if let Some(rule) = rule {
                     let entry = Entry {
                         message: Arc::new(Broadcast::new(topic, &p)),
                         payload: p.payload.clone(),
                         received_at: now,
                         live: true,
                     };
-                    let mut out = Vec::new();
-                    self.streams.offer(topic, entry, now, &mut out);
-                    self.effects.extend(out);
+                    let mut out = std::mem::take(&mut self.scratch);
+                    self.streams.offer(topic, rule, entry, now, &mut out);
+                    self.effects.extend(out.drain(..));
+                    self.scratch = out;
                 } else if self.has_subscribers(topic) {
                     self.fan_out(&Broadcast::new(topic, &p));
                 }
@@ -233,9 +238,10 @@ impl Hub {
                 let Ok(topic) = std::str::from_utf8(&topic) else {
                     return;
                 };
-                let mut out = Vec::new();
+                let mut out = std::mem::take(&mut self.scratch);
                 self.streams.check(topic, position, now, &mut out);
-                self.effects.extend(out);
+                self.effects.extend(out.drain(..));
+                self.scratch = out;
             }
         }
         self.run_effects(now);
@@ -318,17 +324,19 @@ impl Hub {
                 live: false,
             })
             .collect();
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.scratch);
         self.streams.fetched(&f.topic, f.id, entries, now, &mut out);
-        self.effects.extend(out);
+        self.effects.extend(out.drain(..));
+        self.scratch = out;
         self.run_effects(now);
     }
 
     /// Periodic work: fetch deadlines, parked requests, history ages.
     pub fn tick(&mut self, now: Instant) {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.scratch);
         self.streams.tick(now, &mut out);
-        self.effects.extend(out);
+        self.effects.extend(out.drain(..));
+        self.scratch = out;
         self.run_effects(now);
         // Requests past their deadline are answered with what there is; others are retried
         // (a worker that was behind the client's position may have caught up).
@@ -341,11 +349,12 @@ impl Hub {
 
     /// Answers a history request now, or parks it until its topic settles.
     fn answer_history(&mut self, p: Parked, last_chance: bool, now: Instant) {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.scratch);
         let replay = self
             .streams
             .replay(&p.topic, p.request, last_chance, now, &mut out);
-        self.effects.extend(out);
+        self.effects.extend(out.drain(..));
+        self.scratch = out;
         let (mut reply, messages) = match replay {
             Replay::Wait => return self.parked.push(p),
             Replay::Ready { reply, messages } => (reply, messages),
@@ -470,12 +479,10 @@ impl Hub {
         self.registry.topics.contains_key(topic) || !self.registry.prefixes.is_empty()
     }
 
+    /// Adds a subscription; the connection has checked it does not hold it yet.
     fn register(&mut self, sub: &Arc<Subscriber>, filter: &Filter) {
         let r = &mut self.registry;
         let subs = r.map(filter).entry(filter.text().into()).or_default();
-        if subs.iter().any(|s| s.id == sub.id) {
-            return;
-        }
         subs.push(sub.clone());
         let covered = covered(&self.permanent, filter.text());
         if !covered && r.interest.add(filter.text()) {

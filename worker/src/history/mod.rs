@@ -275,11 +275,16 @@ impl Streams {
         p
     }
 
-    /// A positioned message from the publisher on a topic with a history rule.
-    pub fn offer(&mut self, topic: &str, entry: Entry, now: Instant, out: &mut Vec<Effect>) {
-        let Some(rule) = self.rule_for(topic) else {
-            return out.push(Effect::Deliver(entry.message));
-        };
+    /// A positioned message from the publisher on a topic covered by history rule `rule`
+    /// (from [`Self::rule_for`]).
+    pub fn offer(
+        &mut self,
+        topic: &str,
+        rule: usize,
+        entry: Entry,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
         let pos = entry.position();
         let key = self.key(topic, rule);
         let s = self.topics.get_mut(&key).expect("just ensured");

@@ -62,7 +62,13 @@ fn seen(out: Vec<Effect>) -> Seen {
 
 fn offer(s: &mut Streams, epoch: u64, offset: u64, now: Instant) -> Seen {
     let mut out = Vec::new();
-    s.offer("m.1", entry("m.1", epoch, offset, true, now), now, &mut out);
+    s.offer(
+        "m.1",
+        s.rule_for("m.1").unwrap(),
+        entry("m.1", epoch, offset, true, now),
+        now,
+        &mut out,
+    );
     seen(out)
 }
 
@@ -400,8 +406,20 @@ fn limits_trim_history_by_count_bytes_age_and_the_memory_cap() {
     let mut s = Streams::new(set, Arc::new(Metrics::new("t")));
     let mut out = Vec::new();
     for o in 0..8 {
-        s.offer("m.1", entry("m.1", E1, o, true, t0), t0, &mut out);
-        s.offer("n.1", entry("n.1", E1, o, true, t0), t0, &mut out);
+        s.offer(
+            "m.1",
+            s.rule_for("m.1").unwrap(),
+            entry("m.1", E1, o, true, t0),
+            t0,
+            &mut out,
+        );
+        s.offer(
+            "n.1",
+            s.rule_for("n.1").unwrap(),
+            entry("n.1", E1, o, true, t0),
+            t0,
+            &mut out,
+        );
     }
     assert_eq!(history(&mut s, 100), vec![3, 4, 5, 6, 7]);
     let kept_n = s.topics["n.1"].entries.len();
@@ -417,6 +435,7 @@ fn limits_trim_history_by_count_bytes_age_and_the_memory_cap() {
     for o in 0..6 {
         s.offer(
             "a",
+            s.rule_for("a").unwrap(),
             entry("a", E1, o, true, t0 + Duration::from_millis(o)),
             t0,
             &mut out,
@@ -425,6 +444,7 @@ fn limits_trim_history_by_count_bytes_age_and_the_memory_cap() {
     for o in 0..6 {
         s.offer(
             "b",
+            s.rule_for("b").unwrap(),
             entry("b", E1, o, true, t0 + Duration::from_millis(10 + o)),
             t0,
             &mut out,
