@@ -1,3 +1,5 @@
-//! The controller: collects the workers' load reports, publishes routing weights to proxies and
-//! decides the fleet's size. Not built yet: see the herald issue. This crate exists so the
-//! workspace has its final shape.
+//! Herald, the controller. Not finished: see the herald issue.
+
+pub mod actuator;
+pub mod agent;
+pub mod metrics;

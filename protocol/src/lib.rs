@@ -2,7 +2,9 @@
 //!
 //! ```text
 //!  backend ──[publish: ZeroMQ multipart]──▶ worker ──[client: JSON over WebSocket]──▶ browser
-//!                                             │
+//!                                             │ ▲ [load: report / reply, JSON over HTTP]
+//!                                             ▼ │
+//!                       proxy ◀──[routing: table, long poll]── herald
 //!                                (config: TOML file < env < CLI, for every binary)
 //! ```
 //!
@@ -12,6 +14,8 @@
 //! - [`client`]: the client protocol (`pushfleet.v1` subprotocol): requests, replies, error
 //!   codes and WebSocket close codes.
 //! - [`backfill`]: how workers hand history to each other (admin `GET /history` bodies).
+//! - [`load`]: the load report each worker sends herald, and herald's reply (drain, peers).
+//! - [`routing`]: the routing table herald publishes to proxies.
 //! - [`layered`]: loads a clap configuration from a TOML file, environment and flags.
 //!
 //! The human-readable specification is `protocol/PROTOCOL.md`; the tests here keep the two in
@@ -20,7 +24,9 @@
 pub mod backfill;
 pub mod client;
 pub mod layered;
+pub mod load;
 pub mod position;
 pub mod publish;
+pub mod routing;
 
 pub use position::Position;

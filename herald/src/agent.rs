@@ -1,0 +1,1 @@
+//! HAProxy agent-check server (keep-your-HAProxy mode). Not written yet.
