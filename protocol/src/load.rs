@@ -75,7 +75,8 @@ pub struct LoadReport {
     pub worker: WorkerIdentity,
     /// Its state.
     pub state: WorkerState,
-    /// 1 for the first report of a worker process, then +1 per report (retries reuse it).
+    /// 1 for the first report of a worker process, then +1 per report built (a retry after a
+    /// failed send is a new report with fresh figures).
     pub seq: u64,
     /// The worker's report interval, milliseconds; herald expires a worker silent for three.
     pub interval_ms: u64,
