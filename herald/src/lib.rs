@@ -2,4 +2,7 @@
 
 pub mod actuator;
 pub mod agent;
+pub mod fleet;
 pub mod metrics;
+pub mod scale;
+pub mod score;
