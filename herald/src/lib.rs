@@ -2,6 +2,8 @@
 
 pub mod actuator;
 pub mod agent;
+pub mod config;
+pub mod control;
 pub mod fleet;
 pub mod metrics;
 pub mod scale;

@@ -253,7 +253,7 @@ fn warming_workers_do_not_mask_hot_ones() {
         // Counted as joined at 20 s: still warming when the 60 s window ends.
         sim.add(20, 0, false);
     }
-    sim.run(70, |_, w, warm, _| if w.old { 0.9 } else { 0.0 });
+    sim.run(70, |_, w, _, _| if w.old { 0.9 } else { 0.0 });
     assert_eq!(outs(&sim).len(), 1, "{:?}", sim.decisions);
 }
 
