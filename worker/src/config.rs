@@ -186,6 +186,44 @@ pub struct Config {
     #[arg(long, env = "WORKER_MAX_HELD", default_value_t = 10_000)]
     pub max_held: usize,
 
+    /// Herald's URL, `http://host:port`. The worker sends it a load report every
+    /// `report_interval` and follows its replies (drain, peers). Without it the worker does not
+    /// report.
+    #[arg(long, env = "WORKER_HERALD")]
+    pub herald: Option<String>,
+
+    /// Time between load reports to herald (100ms to 10m). Each wait is stretched or shortened
+    /// by up to 20% at random so a fleet's reports do not synchronise; a failed report is
+    /// retried sooner (full-jitter exponential backoff from 100 ms up to this interval), and
+    /// each try waits at most this interval or 2 s for herald's answer.
+    #[arg(long, env = "WORKER_REPORT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
+
+    /// Where proxies dial for this worker's clients (`host:port`), as told to herald.
+    /// Defaults to the bound client address.
+    #[arg(long, env = "WORKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// Where other workers reach this worker's admin port (`host:port`), as told to herald.
+    /// Defaults to the bound admin address.
+    #[arg(long, env = "WORKER_ADVERTISE_ADMIN_ADDRESS")]
+    pub advertise_admin_address: Option<String>,
+
+    /// The cloud instance this worker runs on (e.g. an EC2 instance id), told to herald so it
+    /// can retire the right machine.
+    #[arg(long, env = "WORKER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Memory this worker may use (e.g. 4GiB), told to herald for placement. Defaults to the
+    /// machine's memory, or the cgroup's memory limit when lower; 1GiB when neither can be read.
+    #[arg(long, env = "WORKER_MEMORY_BUDGET", value_parser = parse_size)]
+    pub memory_budget: Option<usize>,
+
+    /// Most peer workers taken from herald's replies (configured `--peer`s come on top); the
+    /// rest of herald's list is ignored.
+    #[arg(long, env = "WORKER_MAX_PEERS", default_value_t = 64)]
+    pub max_peers: usize,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "WORKER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

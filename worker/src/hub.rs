@@ -4,6 +4,7 @@
 //!  upstream (Inbound) ──┐
 //!  connections (Command)┼─▶ Hub (one task) ── history::Streams: order, dedup, holes, history
 //!  peer fetch results ──┤        │ fan-out: encode once, push the shared frame into outboxes
+//!  peer list changes ───┤        │
 //!  tick (250 ms) ───────┘        └─ Fetch effects ─▶ peers::fetch (spawned) ─▶ results
 //! ```
 //!
@@ -202,7 +203,15 @@ impl Hub {
         hub.metrics
             .upstream_subscriptions
             .set(hub.wanted.borrow().len() as i64);
+        hub.metrics.peers.set(hub.peers.current().len() as i64);
         hub
+    }
+
+    /// The peer list changed (herald named other workers): fetch from them from now on.
+    pub fn peers_changed(&mut self) {
+        let n = self.peers.current().len();
+        self.streams.set_has_peers(n > 0);
+        self.metrics.peers.set(n as i64);
     }
 
     /// Follows the set of ZeroMQ subscription strings the worker needs.
@@ -581,6 +590,8 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut fetched = hub.fetched_rx.take().expect("run once");
+    // The hub's own `Peers` holds the sender, so this never reports a closed channel.
+    let mut peer_changes = hub.peers.changes();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut upstream_open = true;
@@ -592,6 +603,7 @@ pub async fn run(
             },
             Some(c) = commands.recv() => hub.command(c, Instant::now()),
             Some(f) = fetched.recv() => hub.fetched(f, Instant::now()),
+            Ok(()) = peer_changes.changed() => hub.peers_changed(),
             _ = tick.tick() => hub.tick(Instant::now()),
             _ = stop.cancelled() => return,
         }

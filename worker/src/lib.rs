@@ -1,5 +1,5 @@
-//! The worker: holds long-lived client WebSockets, keeps recent history per topic, and fans
-//! published messages out to them.
+//! The worker: holds long-lived client WebSockets, keeps recent history per topic, fans
+//! published messages out to them, and reports its load to herald.
 //!
 //! ```text
 //!  publishers ──ZeroMQ SUB──▶ upstream ──bounded queue──▶ hub (one task) ◀── commands ── conn
@@ -10,6 +10,9 @@
 //!                                                 outbox (per connection, bounded)
 //!                                                            │ batched vectored writes
 //!  clients ◀──────────── WebSocket (pushfleet.v1) ◀─ conn ◀──┘
+//!
+//!  report (every interval): metrics, /proc, outboxes ──POST /v1/reports──▶ herald
+//!     ◀── reply: drain → drain (staggered closes);  peers → peers (the hub's fetch list)
 //! ```
 //!
 //! Modules in the order a message meets them:
@@ -18,11 +21,13 @@
 //! - [`hub`]: one task owning subscriptions, history and fan-out; history replies are
 //!   race-free because messages and requests go through it in one order.
 //! - [`history`]: per-topic streams: order, duplicates, holes, fills, catch-up and resume
-//!   (pure logic); [`peers`]: fetching history from other workers.
+//!   (pure logic); [`peers`]: fetching history from other workers (configured, and those
+//!   herald names).
 //! - [`broadcast`]: one message's shared frames, deflated at most once per window size.
 //! - [`outbox`]: a connection's bounded outbound queue (slow consumers are closed, 4001).
 //! - [`conn`]: one connection's life: handshake, requests, writes, keepalive, close.
 //! - [`ws`]: the WebSocket codec (handshake, frames, reassembly, permessage-deflate).
+//! - [`report`]: the load report sent to herald every interval, and its reply (drain, peers).
 //! - [`drain`], [`admin`], [`metrics`], [`server`], [`config`]: running and operating it
 //!   (the admin port also serves `GET /history` to peers).
 //!
@@ -42,6 +47,7 @@ pub mod interest;
 pub mod metrics;
 pub mod outbox;
 pub mod peers;
+pub mod report;
 pub mod server;
 pub mod upstream;
 pub mod ws;

@@ -82,6 +82,12 @@ pub struct Metrics {
     pub peer_fetches: IntCounterVec,
     /// History requests from peers served on the admin port, by result.
     pub peer_served: IntCounterVec,
+    /// Peer workers history is fetched from now (configured plus named by herald).
+    pub peers: IntGauge,
+    /// Load reports sent to herald, by result (ok, failed, refused).
+    pub reports: IntCounterVec,
+    /// 1 while herald answers load reports (the last one got an HTTP answer), else 0.
+    pub herald_reachable: IntGauge,
     /// Client history requests answered, by outcome (recovered, last, or the not-recovered reason).
     pub history_requests: IntCounterVec,
     /// Messages replayed to clients from history.
@@ -274,6 +280,19 @@ impl Metrics {
                 "worker_peer_history_served_total",
                 "History requests from peer workers answered, by result",
                 &["result"],
+            ),
+            peers: gauge(
+                "worker_peers",
+                "Peer workers history is fetched from (configured plus named by herald)",
+            ),
+            reports: counter_vec(
+                "worker_reports_total",
+                "Load reports sent to herald, by result (ok, failed: no answer, refused: HTTP 400)",
+                &["result"],
+            ),
+            herald_reachable: gauge(
+                "worker_herald_reachable",
+                "1 while herald answers load reports, else 0",
             ),
             history_requests: counter_vec(
                 "worker_history_requests_total",

@@ -5,6 +5,10 @@
 //! Peers are tried one after another (starting at a different one for each request, to spread
 //! the load), each bounded by `timeout`; the first complete answer wins, otherwise the longest.
 //! A bounded number of fetches run at once; the rest wait their turn.
+//!
+//! The list is dynamic: the configured `--peer`s plus the workers herald names in its replies
+//! to load reports ([`Peers::learn`]). A fetch reads the list when it starts; the hub follows
+//! changes ([`Peers::changes`]) to know whether there is anyone to ask at all.
 
 use crate::history::FetchRequest;
 use crate::metrics::Metrics;
@@ -18,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 /// Most fetches in flight at once.
 const MAX_IN_FLIGHT: usize = 16;
@@ -45,7 +49,9 @@ pub enum PeerError {
 /// The peer workers' admin addresses and how to ask them.
 #[derive(Clone)]
 pub struct Peers {
-    addrs: Arc<Vec<String>>,
+    configured: Arc<Vec<String>>,
+    /// The current list: `configured` plus what herald named last.
+    addrs: Arc<watch::Sender<Arc<Vec<String>>>>,
     timeout: Duration,
     topic_limit: usize,
     in_flight: Arc<Semaphore>,
@@ -55,7 +61,8 @@ impl Peers {
     /// Peers at `addrs` (`host:port` of their admin ports).
     pub fn new(addrs: Vec<String>, timeout: Duration, topic_limit: usize) -> Self {
         Peers {
-            addrs: Arc::new(addrs),
+            addrs: Arc::new(watch::Sender::new(Arc::new(addrs.clone()))),
+            configured: Arc::new(addrs),
             timeout,
             topic_limit,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -64,7 +71,30 @@ impl Peers {
 
     /// Whether there is anyone to ask.
     pub fn is_empty(&self) -> bool {
-        self.addrs.is_empty()
+        self.addrs.borrow().is_empty()
+    }
+
+    /// The current list.
+    pub fn current(&self) -> Arc<Vec<String>> {
+        self.addrs.borrow().clone()
+    }
+
+    /// Follows changes of the list.
+    pub fn changes(&self) -> watch::Receiver<Arc<Vec<String>>> {
+        self.addrs.subscribe()
+    }
+
+    /// Replaces what herald named with `discovered`; see [`merge`]. Returns whether the list
+    /// changed.
+    pub fn learn(&self, discovered: &[String], own: &[&str], max_discovered: usize) -> bool {
+        let merged = merge(&self.configured, discovered, own, max_discovered);
+        self.addrs.send_if_modified(|current| {
+            if **current == merged {
+                return false;
+            }
+            *current = Arc::new(merged);
+            true
+        })
     }
 
     /// Asks the peers for what `req` describes; empty if none had anything.
@@ -73,9 +103,10 @@ impl Peers {
         let _permit = self.in_flight.acquire().await.expect("never closed");
         let path = history_path(req);
         let mut best: Vec<Published> = Vec::new();
-        let n = self.addrs.len();
+        let addrs = self.current();
+        let n = addrs.len();
         for i in 0..n {
-            let addr = &self.addrs[(req.id as usize + i) % n];
+            let addr = &addrs[(req.id as usize + i) % n];
             let result = tokio::time::timeout(self.timeout, self.get(addr, &path)).await;
             let result = result.unwrap_or(Err(PeerError::Timeout));
             let label = match &result {
@@ -131,6 +162,39 @@ impl Peers {
             .to_bytes();
         Ok(Some(backfill::decode(body, self.topic_limit)?))
     }
+}
+
+/// The peer list: every `configured` address, then the first `max_discovered` of
+/// `discovered` that are new, leaving out this worker's own addresses (`own`) and anything that
+/// is not `host:port` within [`protocol::load::MAX_NAME_BYTES`].
+pub fn merge(
+    configured: &[String],
+    discovered: &[String],
+    own: &[&str],
+    max_discovered: usize,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(configured.len() + discovered.len());
+    let plausible = |a: &str| {
+        a.len() <= protocol::load::MAX_NAME_BYTES
+            && a.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    };
+    for a in configured {
+        if !own.contains(&a.as_str()) && !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    let mut added = 0;
+    for a in discovered {
+        if added == max_discovered {
+            break;
+        }
+        if plausible(a) && !own.contains(&a.as_str()) && !out.contains(a) {
+            out.push(a.clone());
+            added += 1;
+        }
+    }
+    out
 }
 
 /// `/history?topic=..&epoch=..&from=..&limit=..` for a fetch.
@@ -239,5 +303,37 @@ mod tests {
         assert!(parse_history_query("topic=x&epoch=%2B1", 10).is_err());
         assert!(parse_history_query("topic=x&from=-1", 10).is_err());
         assert!(parse_history_query("topic=x&colour=red", 10).is_err());
+    }
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn merged_list_keeps_configured_peers_and_leaves_out_itself_and_nonsense() {
+        let configured = strings(&["a:1", "me:9"]);
+        let discovered = strings(&["b:2", "a:1", "me:9", "nonsense", ":3", "b:2", "c:3", "d:4"]);
+        assert_eq!(
+            merge(&configured, &discovered, &["me:9"], 2),
+            strings(&["a:1", "b:2", "c:3"])
+        );
+        assert_eq!(merge(&configured, &[], &["me:9"], 2), strings(&["a:1"]));
+    }
+
+    #[test]
+    fn learning_replaces_what_herald_said_before_and_reports_changes() {
+        let peers = Peers::new(strings(&["a:1"]), Duration::from_secs(1), 256);
+        let mut changes = peers.changes();
+        assert!(peers.learn(&strings(&["b:2"]), &[], 10));
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(**changes.borrow_and_update(), strings(&["a:1", "b:2"]));
+        assert!(!peers.learn(&strings(&["b:2"]), &[], 10), "same list");
+        assert!(!changes.has_changed().unwrap());
+        assert!(peers.learn(&[], &[], 10));
+        assert_eq!(*peers.current(), strings(&["a:1"]));
+        let none = Peers::new(Vec::new(), Duration::from_secs(1), 256);
+        assert!(none.is_empty());
+        none.learn(&strings(&["b:2"]), &["x:1"], 10);
+        assert!(!none.is_empty());
     }
 }

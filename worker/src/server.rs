@@ -1,5 +1,5 @@
-//! Starting and stopping a worker: bind the ports, start fan-out and the publisher endpoints,
-//! accept clients, and run the lifecycle (serve → drain → stop).
+//! Starting and stopping a worker: bind the ports, start fan-out, the publisher endpoints and
+//! load reports to herald, accept clients, and run the lifecycle (serve → drain → stop).
 
 use crate::broadcast::Compression;
 use crate::config::Config;
@@ -8,9 +8,10 @@ use crate::hub::{self, Command, Hub, Subscriber};
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::upstream::{self, EndpointSettings, ZmqSub};
-use crate::{admin, conn, drain};
+use crate::{admin, conn, drain, report};
 use parking_lot::Mutex;
 use protocol::client::close;
+use protocol::load::ReportError;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +50,17 @@ pub enum WorkerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `--herald` is not `http://host:port`.
+    #[error("--herald {url:?} is not a herald URL: {why}")]
+    HeraldUrl {
+        /// The configured URL.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The settings would make load reports herald refuses (identity, interval, limits).
+    #[error("herald would refuse this worker's load reports: {0}")]
+    Report(ReportError),
 }
 
 /// State every connection and the admin port share.
@@ -67,7 +79,7 @@ pub struct Shared {
     pub next_connection_id: AtomicU64,
     /// Set once draining starts: new upgrades get 503, /readyz fails.
     pub draining: AtomicBool,
-    /// Cancelled by `POST /drain`.
+    /// Cancelled by `POST /drain`, or when herald's reply to a load report asks for a drain.
     pub drain_requested: CancellationToken,
 }
 
@@ -108,6 +120,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     let admin_listener = bind("admin", config.admin_listen).await?;
     let ws_addr = listener.local_addr().expect("bound");
     let admin_addr = admin_listener.local_addr().expect("bound");
+    let worker_id = config.worker_id();
+    let reporting = match &config.herald {
+        Some(url) => Some(report::setup(
+            &config, url, &worker_id, ws_addr, admin_addr,
+        )?),
+        None => {
+            tracing::info!("no --herald: this worker sends no load reports");
+            None
+        }
+    };
     if let Some(path) = &config.announce_file {
         let text = serde_json::json!({"ws": ws_addr.to_string(), "admin": admin_addr.to_string()});
         write_atomically(path, &text.to_string()).map_err(|source| WorkerError::Announce {
@@ -116,7 +138,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         })?;
     }
 
-    let worker_id = config.worker_id();
     let metrics = Arc::new(Metrics::new(&worker_id));
     let compression = Compression {
         min_bytes: config.compression_min_bytes,
@@ -140,7 +161,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     );
     // A history request waits for at most every fetch attempt of its topic, plus a margin.
     let park_timeout = (config.repair_timeout + Duration::from_millis(200)) * 3;
-    let hub = Hub::new(metrics.clone(), compression, streams, peers, park_timeout);
+    let hub = Hub::new(
+        metrics.clone(),
+        compression,
+        streams,
+        peers.clone(),
+        park_timeout,
+    );
     let wanted = hub.wanted();
     let (hub_tx, hub_rx) = mpsc::channel(HUB_QUEUE);
     let config = Arc::new(config);
@@ -186,6 +213,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         ));
     }
     drop(tx);
+    // Reports go on through a drain (herald watches it) and end with the worker.
+    if let Some(setup) = reporting {
+        tokio::spawn(report::run(setup, shared.clone(), peers, stop.clone()));
+    }
 
     let stop_accepting = CancellationToken::new();
     let connections = TaskTracker::new();

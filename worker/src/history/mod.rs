@@ -256,6 +256,12 @@ impl Streams {
             .position(|r| r.pattern.matches(topic))
     }
 
+    /// Whether there are peers to fetch from now (the list changes with herald's replies).
+    /// Fetches already under way finish as they are; an empty list answers them with nothing.
+    pub fn set_has_peers(&mut self, has_peers: bool) {
+        self.settings.has_peers = has_peers;
+    }
+
     /// Whether the topic has a stream here (known, or being fetched).
     pub fn knows(&self, topic: &str) -> bool {
         self.topics.contains_key(topic)
