@@ -55,6 +55,64 @@ pub enum ActuatorError {
     },
 }
 
+/// One actuator call as the webhook and exec actuators describe it to the outside world: an
+/// event name, the fleet size when it applies, a human reason and the worker when it applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Event<'a> {
+    /// `set_desired`, `drain_started`, `drain_progress` or `drained`; also the `action` of
+    /// [`ActuatorError::Failed`].
+    pub kind: &'static str,
+    /// The fleet size the call asks for (`set_desired`, `drain_started`).
+    pub desired: Option<u32>,
+    /// Why: the engine's reason for `set_desired`, a fixed sentence for the drain calls.
+    pub reason: &'a str,
+    /// The worker the call is about (the drain calls).
+    pub target: Option<&'a Target>,
+}
+
+impl<'a> Event<'a> {
+    /// The event of [`Actuator::set_desired`].
+    pub fn set_desired(desired: u32, reason: &'a str) -> Self {
+        Event {
+            kind: "set_desired",
+            desired: Some(desired),
+            reason,
+            target: None,
+        }
+    }
+
+    /// The event of [`Actuator::drain_started`].
+    pub fn drain_started(target: &'a Target, desired: u32) -> Self {
+        Event {
+            kind: "drain_started",
+            desired: Some(desired),
+            reason: "scale in: the worker was chosen to leave and is draining",
+            target: Some(target),
+        }
+    }
+
+    /// The event of [`Actuator::drain_progress`].
+    pub fn drain_progress(target: &'a Target) -> Self {
+        Event {
+            kind: "drain_progress",
+            desired: None,
+            reason: "scale in: the worker is still draining",
+            target: Some(target),
+        }
+    }
+
+    /// The event of [`Actuator::drained`].
+    pub fn drained(target: &'a Target) -> Self {
+        Event {
+            kind: "drained",
+            desired: None,
+            reason:
+                "scale in: the worker has drained (no connections left, or the drain timed out)",
+            target: Some(target),
+        }
+    }
+}
+
 /// Carries out scale decisions. Implementations must be idempotent: a call may be repeated.
 pub trait Actuator: Send + Sync {
     /// The actuator's name in logs and metrics (`log`, `webhook`, `exec`, `aws`).
