@@ -4,7 +4,6 @@
 //!  upstream (Inbound) ──┐
 //!  connections (Command)┼─▶ Hub (one task) ── history::Streams: order, dedup, holes, history
 //!  peer fetch results ──┤        │ fan-out: encode once, push the shared frame into outboxes
-//!  peer list changes ───┤        │
 //!  tick (250 ms) ───────┘        └─ Fetch effects ─▶ peers::fetch (spawned) ─▶ results
 //! ```
 //!
@@ -16,6 +15,9 @@
 //!
 //! A connection subscribed through two filters that both match gets a message once (checked
 //! with the message's sequence number).
+//!
+//! The tick also takes up changes of the peer list (herald names other workers in its replies
+//! to load reports): from then on, holes and unknown topics are asked of them.
 
 use crate::broadcast::{Broadcast, Compression, Encoding};
 use crate::history::{Effect, Entry, Replay, SnapshotError, Streams};
@@ -590,7 +592,8 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut fetched = hub.fetched_rx.take().expect("run once");
-    // The hub's own `Peers` holds the sender, so this never reports a closed channel.
+    // Looked at on the tick rather than raced against every message: a peer list that
+    // changes every few seconds at most needs no place on the hot path.
     let mut peer_changes = hub.peers.changes();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -603,8 +606,13 @@ pub async fn run(
             },
             Some(c) = commands.recv() => hub.command(c, Instant::now()),
             Some(f) = fetched.recv() => hub.fetched(f, Instant::now()),
-            Ok(()) = peer_changes.changed() => hub.peers_changed(),
-            _ = tick.tick() => hub.tick(Instant::now()),
+            _ = tick.tick() => {
+                if peer_changes.has_changed().unwrap_or(false) {
+                    peer_changes.mark_unchanged();
+                    hub.peers_changed();
+                }
+                hub.tick(Instant::now())
+            }
             _ = stop.cancelled() => return,
         }
     }

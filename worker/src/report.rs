@@ -26,7 +26,7 @@ use figures::{Composer, Counters, Fixed, Gauges, Latency};
 use herald::SendError;
 use probe::LoopLag;
 use prometheus::core::Metric;
-use protocol::load::{ReportReply, WorkerIdentity, WorkerState};
+use protocol::load::{ReportError, ReportReply, WorkerIdentity, WorkerState};
 use rand::Rng;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -89,13 +89,33 @@ pub fn setup(
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         idle_rss_bytes: probe::rss_bytes().unwrap_or(0),
     };
-    fixed.check().map_err(WorkerError::Report)?;
+    fixed.check().map_err(|error| WorkerError::Report {
+        setting: setting_of(&error),
+        error,
+    })?;
     Ok(Setup {
         authority,
         fixed,
         own,
         max_peers: config.max_peers,
     })
+}
+
+/// The flag behind a report field herald would refuse.
+fn setting_of(error: &ReportError) -> &'static str {
+    match error {
+        ReportError::Invalid { field, .. } => match *field {
+            "worker.id" => "--id",
+            "worker.address" => "--advertise-address",
+            "worker.admin_address" => "--advertise-admin-address",
+            "worker.instance_id" => "--instance-id",
+            "interval_ms" => "--report-interval",
+            "max_connections" => "--max-connections",
+            "memory_budget_bytes" => "--memory-budget",
+            _ => "settings",
+        },
+        _ => "settings",
+    }
 }
 
 /// Reports to herald until `stop`, following its replies.

@@ -58,9 +58,14 @@ pub enum WorkerError {
         /// What is wrong with it.
         why: String,
     },
-    /// The settings would make load reports herald refuses (identity, interval, limits).
-    #[error("herald would refuse this worker's load reports: {0}")]
-    Report(ReportError),
+    /// A setting would make load reports herald refuses (identity, interval, limits).
+    #[error("{setting}: herald would refuse this worker's load reports: {error}")]
+    Report {
+        /// The flag at fault, e.g. `--report-interval`.
+        setting: &'static str,
+        /// What herald would say.
+        error: ReportError,
+    },
 }
 
 /// State every connection and the admin port share.

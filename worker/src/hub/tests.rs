@@ -306,3 +306,24 @@ fn a_replay_never_overflows_the_connections_queue() {
     assert_eq!(got[0]["history"]["reason"], "too_many_missed");
     assert_eq!(got.len(), 1);
 }
+
+#[tokio::test]
+async fn peers_named_later_are_asked_about_topics_unknown_here() {
+    let mut h = hub_with(&["m.*"]);
+    let last = HistoryRequest {
+        since: None,
+        last: Some(5),
+    };
+    let s = sub(1, Encoding::Plain);
+    subscribe(&mut h, &s, Filter::Topic("m.1".into()), Some(last));
+    let ack = &drain_json(&s)[0];
+    assert_eq!(ack["history"]["replayed"], 0, "no peers: answered at once");
+    assert_eq!(h.metrics.peers.get(), 0);
+
+    assert!(h.peers.learn(&["127.0.0.1:1".into()], &[], 10));
+    h.peers_changed();
+    assert_eq!(h.metrics.peers.get(), 1);
+    subscribe(&mut h, &s, Filter::Topic("m.2".into()), Some(last));
+    assert_eq!(drain(&s), 0, "waits for what the peer has");
+    assert_eq!(h.parked.len(), 1);
+}
