@@ -96,6 +96,8 @@ pub struct Control {
     pub retired: BTreeSet<String>,
     /// Recent decisions, oldest first.
     pub decisions: VecDeque<DecisionRecord>,
+    /// Decisions made since start (the recent ones are the last of them).
+    pub decisions_made: u64,
     /// Desired count the actuator was last asked for successfully.
     pub desired_applied: Option<u32>,
     /// Desired count to ask the actuator for, with the reason.
@@ -129,6 +131,7 @@ impl Control {
             drains: BTreeMap::new(),
             retired: BTreeSet::new(),
             decisions: VecDeque::new(),
+            decisions_made: 0,
             desired_applied: None,
             desired_wanted: None,
             started: now,
@@ -272,6 +275,7 @@ impl Control {
         if self.decisions.len() == RECENT_DECISIONS {
             self.decisions.pop_front();
         }
+        self.decisions_made += 1;
         self.decisions.push_back(DecisionRecord {
             at_ms,
             action,

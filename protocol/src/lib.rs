@@ -17,6 +17,7 @@
 //! - [`load`]: the load report each worker sends herald, and herald's reply (drain, peers).
 //! - [`routing`]: the routing table herald publishes to proxies.
 //! - [`layered`]: loads a clap configuration from a TOML file, environment and flags.
+//! - `process` (feature `process`): logging and signal handling shared by the binaries.
 //!
 //! The human-readable specification is `protocol/PROTOCOL.md`; the tests here keep the two in
 //! step.
@@ -26,6 +27,8 @@ pub mod client;
 pub mod layered;
 pub mod load;
 pub mod position;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod publish;
 pub mod routing;
 

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod fleet;
 pub mod publisher;
 
 use anyhow::{bail, Context, Result};
