@@ -33,3 +33,14 @@ pub mod publish;
 pub mod routing;
 
 pub use position::Position;
+
+/// The fenced block after `<!-- example: NAME -->` in a specification text (for tests that
+/// keep PROTOCOL.md's examples valid).
+#[cfg(test)]
+pub(crate) fn spec_example(spec: &str, name: &str) -> String {
+    let marker = format!("<!-- example: {name} -->");
+    let after = &spec[spec.find(&marker).expect("example marker") + marker.len()..];
+    let body = &after[after.find("```").expect("fence") + 3..];
+    let body = &body[body.find('\n').expect("fence line") + 1..];
+    body[..body.find("```").expect("closing fence")].to_string()
+}

@@ -293,6 +293,18 @@ mod tests {
         }
     }
 
+    /// The JSON examples in PROTOCOL.md §4 are valid.
+    #[test]
+    fn the_specification_examples_decode() {
+        let spec = include_str!("../PROTOCOL.md");
+        let report = crate::spec_example(spec, "load-report");
+        let r = LoadReport::decode(report.as_bytes()).unwrap();
+        assert_eq!(r.worker.id, "w-a1");
+        let reply: ReportReply =
+            serde_json::from_str(&crate::spec_example(spec, "report-reply")).unwrap();
+        assert_eq!(reply.peers.len(), 2);
+    }
+
     #[test]
     fn round_trips() {
         let r = sample();

@@ -94,6 +94,16 @@ impl RoutingTable {
 mod tests {
     use super::*;
 
+    /// The JSON example in PROTOCOL.md §5 is valid.
+    #[test]
+    fn the_specification_example_decodes() {
+        let spec = include_str!("../PROTOCOL.md");
+        let t =
+            RoutingTable::decode(crate::spec_example(spec, "routing-table").as_bytes()).unwrap();
+        assert_eq!(t.workers.len(), 2);
+        assert_eq!(t.worker("w-b2").unwrap().instance_id, None);
+    }
+
     #[test]
     fn round_trips_and_finds_workers() {
         let w = |id: &str, draining| RoutedWorker {
