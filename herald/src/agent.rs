@@ -43,7 +43,7 @@
 //!     server w2 10.0.0.12:8080 weight 100 check agent-check agent-addr 10.0.0.5 agent-port 9103 agent-send "w2\n" agent-inter 2s
 //! ```
 //!
-//! - `agent-addr`/`agent-port`: where herald's agent listener is.
+//! - `agent-addr`/`agent-port`: herald's `--agent-listen` address (the agent is off unless set).
 //! - `agent-send "<worker id>\n"`: the worker's `--id`, ended by a newline. Without it HAProxy
 //!   sends nothing and herald cannot tell which worker is meant (it answers as for an unknown
 //!   worker). A misspelt id shows as `herald:not-in-table` in the server's last agent check.
@@ -369,7 +369,9 @@ async fn check(
         .inc();
     let shown = match request {
         Request::Line(line) => String::from_utf8_lossy(line).escape_debug().to_string(),
-        other => format!("{other:?}"),
+        Request::Silent => "nothing".to_string(),
+        Request::TooLong => format!("no line end within {MAX_REQUEST_BYTES} bytes"),
+        Request::Unfinished => format!("no line end within {request_timeout:?}"),
     };
     debug!(%peer, request = %shown, reply = line.trim_end(), "agent check answered");
     if request == Request::TooLong {
