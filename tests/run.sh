@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every test of pushfleet on a fresh machine:
-#   1. installs what the tests need (Debian packages, a Python venv, Autobahn's Python 2.7 venv,
-#      cargo-fuzz),
+#   1. installs what the tests need (Debian packages: HAProxy; a Python venv with pyzmq and an
+#      EC2 Auto Scaling emulator; Autobahn's Python 2.7 venv; cargo-fuzz),
 #   2. checks formatting and lints,
 #   3. cargo tests (unit, property and integration tests with real sockets),
 #   4. ZeroMQ interop tests against a real libzmq publisher (pyzmq),
@@ -32,6 +32,15 @@ step() {
   fi
 }
 
+# Debian packages the tests run side by side with ours: HAProxy (agent-check interop).
+install_debian() {
+  local missing=()
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
 install_python() {
   local venv="$repo/.venv"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || return 1
@@ -46,7 +55,8 @@ lint() {
   cargo fmt --all -- --check && cargo clippy --locked --workspace --all-targets -- -D warnings
 }
 
-cargo_tests() { cargo test --locked --workspace; }
+# The AWS actuator's tests run against the emulator installed in the venv.
+cargo_tests() { MOTO_SERVER="$repo/.venv/bin/moto_server" cargo test --locked --workspace; }
 
 interop() {
   WORKER_BIN="$repo/target/release/worker" timeout 600 "$repo/.venv/bin/pytest" tests/interop -q
@@ -78,6 +88,7 @@ autobahn() {
 
 fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
 
+step "install: Debian packages" install_debian
 step "install: Python test venv" install_python
 step "install: Autobahn (Python 2.7)" install_autobahn
 step "build: release worker" build_release
