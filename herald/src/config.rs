@@ -42,6 +42,15 @@ pub struct Config {
     #[arg(long, env = "HERALD_AGENT_LISTEN")]
     pub agent_listen: Option<SocketAddr>,
 
+    /// HAProxy agent checks served at once; more are closed unanswered (HAProxy then keeps
+    /// the server as it was) and counted.
+    #[arg(long, env = "HERALD_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub agent_max_connections: usize,
+
+    /// Time an agent check has to send its request line (and to read the reply).
+    #[arg(long, env = "HERALD_AGENT_REQUEST_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub agent_request_timeout: Duration,
+
     /// Write {"http": addr, "agent": addr} to this file once the ports are bound (for
     /// supervisors and tests that bind port 0).
     #[arg(long, env = "HERALD_ANNOUNCE_FILE")]

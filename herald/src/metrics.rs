@@ -33,7 +33,8 @@ pub struct Metrics {
     pub table_version: IntGauge,
     /// Proxies waiting on a table long poll now.
     pub table_watchers: IntGauge,
-    /// HAProxy agent-check answers, by answer (`weight`, `drain`, `unknown`, `bad_request`).
+    /// HAProxy agent-check answers, by answer (`weight`, `drain`, `unknown`, `bad_request`,
+    /// `refused`: over the connection limit).
     pub agent_answers: IntCounterVec,
 }
 

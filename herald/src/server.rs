@@ -191,10 +191,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Herald
     });
     tokio::spawn(api::serve(listener, shared, stop.clone()));
     if let Some(listener) = agent_listener {
-        tokio::spawn(agent::serve(
+        let limits = agent::AgentLimits {
+            max_connections: config.agent_max_connections.max(1),
+            request_timeout: config.agent_request_timeout,
+        };
+        tokio::spawn(agent::serve_with_limits(
             listener,
             table_rx,
             metrics.clone(),
+            limits,
             stop.clone(),
         ));
     }
