@@ -210,8 +210,29 @@ async fn completing_for_an_instance_the_hook_never_held_terminates_it_and_fails(
         message.starts_with("ValidationError: No active Lifecycle Action found"),
         "{message}"
     );
-    assert!(message.contains("was InService"), "{message}");
+    assert!(message.contains("the instance is InService"), "{message}");
+    assert!(
+        message.contains("asked the group to terminate it"),
+        "{message}"
+    );
     assert_eq!(terminate.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn completing_for_an_instance_waiting_in_another_hook_fails() {
+    let complete = mock!(Client::complete_lifecycle_action)
+        .then_error(|| CompleteLifecycleActionError::generic(no_active_action()));
+    let describe = describe(Some((GROUP, "Terminating:Wait")));
+    let aws = actuator(Some(HOOK), &[&complete, &describe]);
+
+    let (_, message) = failure_message(aws.drained(&target()).await);
+
+    assert!(
+        message.contains(&format!(
+            "the instance is Terminating:Wait, not held by hook {HOOK}"
+        )),
+        "{message}"
+    );
 }
 
 #[tokio::test]

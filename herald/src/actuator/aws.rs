@@ -1,11 +1,13 @@
 //! The AWS actuator: the fleet is an EC2 Auto Scaling group.
 //!
-//! | call             | without a lifecycle hook                  | with a termination lifecycle hook          |
-//! |------------------|-------------------------------------------|--------------------------------------------|
-//! | `set_desired`    | SetDesiredCapacity (cooldown not honoured) | the same                                  |
-//! | `drain_started`  | nothing (the instance keeps serving)      | TerminateInstanceInAutoScalingGroup, decrementing desired: the group shrinks now and the hook holds the instance in `Terminating:Wait` while it drains |
-//! | `drain_progress` | nothing                                   | RecordLifecycleActionHeartbeat             |
-//! | `drained`        | TerminateInstanceInAutoScalingGroup, decrementing desired | CompleteLifecycleAction(CONTINUE) |
+//! - `set_desired`: SetDesiredCapacity, cooldown not honoured.
+//! - Without a lifecycle hook, `drain_started` and `drain_progress` do nothing (the instance
+//!   serves until drained), and `drained` is TerminateInstanceInAutoScalingGroup, decrementing
+//!   the desired capacity.
+//! - With a termination lifecycle hook, `drain_started` is TerminateInstanceInAutoScalingGroup
+//!   decrementing the desired capacity: the group shrinks now and the hook holds the instance
+//!   in `Terminating:Wait` while it drains. `drain_progress` is
+//!   RecordLifecycleActionHeartbeat, and `drained` is CompleteLifecycleAction(CONTINUE).
 //!
 //! With a hook, its heartbeat timeout must exceed herald's heartbeat interval, or the group
 //! terminates the instance mid-drain.
@@ -14,11 +16,12 @@
 //! looked up (DescribeAutoScalingInstances). One that is in no group, in another group, or
 //! already terminating or detaching is left alone and the call succeeds; this also keeps a
 //! wrong instance id from terminating a machine of some other group, which
-//! TerminateInstanceInAutoScalingGroup alone would do. The service's own answers for the same
-//! situations, met in a race, are success too: `ValidationError` "Instance Id not found" on
-//! terminate, and "No active Lifecycle Action found" on heartbeat or complete once the
-//! instance is gone or leaving. Any other error fails the call with the service's error code
-//! and message.
+//! TerminateInstanceInAutoScalingGroup alone would do. The service's answer for the same
+//! situation, met in a race, is success too: `ValidationError` "Instance Id not found". On
+//! heartbeat or complete, "No active Lifecycle Action found" is success when the instance
+//! turns out to be gone or leaving by itself; when it is still in service (drain_started never
+//! terminated it) `drained` terminates it and fails, so that the repeated call completes the
+//! hook. Any other error fails the call with the service's error code and message.
 //!
 //! Credentials come from the default chain (environment, profile, web identity, ECS, EC2
 //! instance metadata); the region and endpoint may be overridden.
@@ -205,20 +208,17 @@ impl Aws {
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_validation(&e, NO_ACTIVE_LIFECYCLE_ACTION) => {
-                match self.standing(action, instance).await? {
-                    Standing::Member(state) if !is_leaving(&state) => Err(ActuatorError::Failed {
-                        actuator: "aws",
-                        action,
-                        message: format!(
-                            "{} (the instance is {state}: drain_started did not terminate it)",
-                            service_message(&e)
-                        ),
-                    }),
-                    standing => {
-                        self.log_left_alone(action, instance, &standing);
-                        Ok(())
-                    }
-                }
+                let Some(state) = self.not_held(action, instance).await? else {
+                    return Ok(());
+                };
+                Err(ActuatorError::Failed {
+                    actuator: "aws",
+                    action,
+                    message: format!(
+                        "{} (the instance is {state}, not held by hook {hook})",
+                        service_message(&e)
+                    ),
+                })
             }
             Err(e) => Err(failure(action, e)),
         }
@@ -242,28 +242,46 @@ impl Aws {
                 Ok(())
             }
             Err(e) if is_validation(&e, NO_ACTIVE_LIFECYCLE_ACTION) => {
-                match self.standing(action, instance).await? {
-                    Standing::Member(state) if !is_leaving(&state) => {
-                        // The hook never got it (drain_started's terminate did not happen):
-                        // terminate it now; the next call completes the action it starts.
-                        self.terminate(action, instance).await?;
-                        Err(ActuatorError::Failed {
-                            actuator: "aws",
-                            action,
-                            message: format!(
-                                "{} (the instance was {state}: asked the group to terminate it; \
-                                 the next call completes the action)",
-                                service_message(&e)
-                            ),
-                        })
-                    }
-                    standing => {
-                        self.log_left_alone(action, instance, &standing);
-                        Ok(())
-                    }
+                let Some(state) = self.not_held(action, instance).await? else {
+                    return Ok(());
+                };
+                let mut message = format!(
+                    "{} (the instance is {state}, not held by hook {hook}",
+                    service_message(&e)
+                );
+                if !state.ends_with(":Wait") {
+                    // The hook never got it (drain_started's terminate did not happen):
+                    // terminate it now; the next call completes the action that starts.
+                    self.terminate(action, instance).await?;
+                    message.push_str("; asked the group to terminate it");
                 }
+                message.push(')');
+                Err(ActuatorError::Failed {
+                    actuator: "aws",
+                    action,
+                    message,
+                })
             }
             Err(e) => Err(failure(action, e)),
+        }
+    }
+
+    /// After "No active Lifecycle Action found": `None` (logged) when the instance is gone,
+    /// not ours, or leaving by itself, so there is nothing to heartbeat or complete; otherwise
+    /// its state: in service (never terminated), or waiting in some other hook.
+    async fn not_held(
+        &self,
+        action: &'static str,
+        instance: &str,
+    ) -> Result<Option<String>, ActuatorError> {
+        match self.standing(action, instance).await? {
+            Standing::Member(state) if !is_leaving(&state) || state.ends_with(":Wait") => {
+                Ok(Some(state))
+            }
+            standing => {
+                self.log_left_alone(action, instance, &standing);
+                Ok(None)
+            }
         }
     }
 

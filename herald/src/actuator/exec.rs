@@ -6,13 +6,11 @@
 //! only when they apply (the others are removed, so a value inherited from herald's own
 //! environment never reaches the program):
 //!
-//! | variable                | calls                         | value                      |
-//! |-------------------------|-------------------------------|----------------------------|
-//! | `PUSHFLEET_EVENT`       | all                           | `set_desired`, `drain_started`, `drain_progress`, `drained` |
-//! | `PUSHFLEET_DESIRED`     | set_desired, drain_started    | the fleet size             |
-//! | `PUSHFLEET_REASON`      | all                           | a sentence                 |
-//! | `PUSHFLEET_WORKER_ID`   | the drain calls               | the worker's id            |
-//! | `PUSHFLEET_INSTANCE_ID` | the drain calls, when known   | its cloud instance id      |
+//! - `PUSHFLEET_EVENT`: `set_desired`, `drain_started`, `drain_progress` or `drained`;
+//! - `PUSHFLEET_DESIRED`: the fleet size (`set_desired`, `drain_started`);
+//! - `PUSHFLEET_REASON`: a sentence saying why (every call);
+//! - `PUSHFLEET_WORKER_ID`: the worker's id (the drain calls);
+//! - `PUSHFLEET_INSTANCE_ID`: its cloud instance id (the drain calls, when the worker has one).
 //!
 //! The rest of herald's environment is inherited. Stdin is empty, stdout is discarded and the
 //! last [`STDERR_TAIL_BYTES`] of stderr are quoted when the call fails. Exit status 0 is
