@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod client;
 pub mod fleet;
+pub mod haproxy;
 pub mod publisher;
 
 use anyhow::{bail, Context, Result};
