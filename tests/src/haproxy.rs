@@ -303,7 +303,8 @@ pub struct ServerStat {
     pub weight: u32,
     /// `check_status`: the health check's last result (`L4OK`, `L4CON`, …), empty without one.
     pub check_status: String,
-    /// `agent_status`: the agent check's last result, empty without one.
+    /// `agent_status`: the agent check's last result: `CHECKED` once a reply was read (even
+    /// one with words HAProxy does not know), `L4CON` when refused; empty without one.
     pub agent_status: String,
     /// `last_agt`: the agent check's last message, e.g. `agent reports an error : <word>`.
     pub last_agent_check: String,
@@ -583,7 +584,7 @@ mod tests {
     const STAT: &str = "# pxname,svname,scur,stot,status,weight,check_status,last_agt,\
         agent_status,\n\
         fe,FRONTEND,0,0,OPEN,,,,,\n\
-        be,w1,0,3,DOWN,100,L4CON,agent reports an error : herald:not-in-table,L7STS,\n\
+        be,w1,0,3,DOWN,100,L4CON,agent reports an error : herald:not-in-table,CHECKED,\n\
         be,w2,2,5,no check,47,,,,\n\
         be,BACKEND,2,8,UP,147,,,,\n";
 

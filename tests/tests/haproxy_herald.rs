@@ -122,7 +122,7 @@ async fn welcomed_by(addr: SocketAddr) -> Result<(WsClient, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn haproxy_weights_follow_herald_s_table() -> Result<()> {
+async fn haproxy_weights_follow_the_table_herald_builds() -> Result<()> {
     let (h, agent) = start_herald().await?;
     let mut workers = Vec::new();
     for id in ["w1", "w2", "w3"] {
@@ -227,7 +227,7 @@ async fn a_worker_draining_itself_is_drained_in_haproxy() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_is_left_to_haproxy_s_health_check() -> Result<()> {
+async fn a_killed_worker_is_left_to_haproxy_health_check() -> Result<()> {
     let (h, agent) = start_herald().await?;
     let w1 = KillableWorker::start("w1", &h.url(), INTERVAL, |_| {})?;
     let mut w2 = KillableWorker::start("w2", &h.url(), INTERVAL, |c| c.max_connections = SLOTS)?;
