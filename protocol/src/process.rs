@@ -1,8 +1,113 @@
-//! What every pushfleet binary does the same way around its `run`: logging to stderr (text or
-//! JSON, filtered by `RUST_LOG`) and stopping on signals. Behind the `process` feature, so
-//! the wire types stay free of a runtime.
+//! What every pushfleet server does the same way around its `run`: loading its layered
+//! configuration, logging to stderr (text or JSON, filtered by `RUST_LOG`), stopping on
+//! signals, and serving a small HTTP port (admin, API). Behind the `process` feature, so the
+//! wire types stay free of a runtime.
 
+use crate::layered::{self, LayeredError};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// A server binary's `main`: parses `C` (TOML file < environment < flags, the file named by
+/// `--config`), starts logging in `log_format(&config)`, runs `run(config, shutdown)` on a
+/// multi-threaded runtime with [`stop_on_signal`], and exits non-zero with `name: error` when
+/// anything fails.
+pub fn main<C, F, Fut, E>(name: &str, log_format: fn(&C) -> &str, run: F) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let config: C = match layered::parse("config") {
+        Ok(c) => c,
+        Err(LayeredError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(log_format(&config));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{name} failed");
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop`, answering every request with `route`. A client
+/// gets 10 s to send a request head; an accept error (out of descriptors) pauses accepting
+/// for 50 ms instead of spinning.
+pub async fn serve_http<F, Fut>(listener: TcpListener, route: F, stop: CancellationToken)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let route = route.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let answer = route(req);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The Prometheus text exposition of every metric in `registry`.
+pub fn render_metrics(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("text encoding cannot fail");
+    String::from_utf8(out).expect("exposition is UTF-8")
+}
 
 /// Logs to stderr as `text` or `json`, at `info` unless `RUST_LOG` says otherwise.
 pub fn init_logging(format: &str) {
