@@ -112,15 +112,28 @@ pub async fn build_actuator(config: &Config) -> Result<Arc<dyn Actuator>, Herald
                     .map_err(|e| HeraldError::Actuator("webhook", e.to_string()))?,
             )
         }
-        ActuatorKind::Exec | ActuatorKind::Aws => {
-            return Err(HeraldError::Actuator(
-                if config.actuator == ActuatorKind::Exec {
-                    "exec"
-                } else {
-                    "aws"
-                },
-                "not available in this build".into(),
-            ))
+        ActuatorKind::Exec => {
+            let settings = actuator::exec::ExecSettings::new(config.exec.clone());
+            Arc::new(
+                actuator::exec::Exec::new(settings)
+                    .map_err(|e| HeraldError::Actuator("exec", e.to_string()))?,
+            )
+        }
+        ActuatorKind::Aws => {
+            let settings = actuator::aws::AwsSettings {
+                group: config
+                    .aws_group
+                    .clone()
+                    .ok_or_else(|| missing("aws-group"))?,
+                lifecycle_hook: config.aws_lifecycle_hook.clone(),
+                region: config.aws_region.clone(),
+                endpoint_url: config.aws_endpoint_url.clone(),
+            };
+            Arc::new(
+                actuator::aws::Aws::connect(settings)
+                    .await
+                    .map_err(|e| HeraldError::Actuator("aws", e.to_string()))?,
+            )
         }
     })
 }

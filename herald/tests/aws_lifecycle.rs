@@ -8,6 +8,7 @@ use aws_sdk_autoscaling::error::ErrorMetadata;
 use aws_sdk_autoscaling::operation::complete_lifecycle_action::{
     CompleteLifecycleActionError, CompleteLifecycleActionOutput,
 };
+use aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsOutput;
 use aws_sdk_autoscaling::operation::describe_auto_scaling_instances::DescribeAutoScalingInstancesOutput;
 use aws_sdk_autoscaling::operation::record_lifecycle_action_heartbeat::{
     RecordLifecycleActionHeartbeatError, RecordLifecycleActionHeartbeatOutput,
@@ -19,7 +20,7 @@ use aws_sdk_autoscaling::operation::terminate_instance_in_auto_scaling_group::{
     TerminateInstanceInAutoScalingGroupError, TerminateInstanceInAutoScalingGroupOutput,
 };
 use aws_sdk_autoscaling::types::error::ResourceContentionFault;
-use aws_sdk_autoscaling::types::AutoScalingInstanceDetails;
+use aws_sdk_autoscaling::types::{AutoScalingGroup, AutoScalingInstanceDetails};
 use aws_sdk_autoscaling::Client;
 use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
 use herald::actuator::aws::{Aws, AwsSettings, AwsSettingsError};
@@ -70,6 +71,23 @@ fn describe(standing: Option<(&'static str, &'static str)>) -> Rule {
         })
 }
 
+/// DescribeAutoScalingGroups of [`GROUP`], answering that it wants `desired` instances.
+fn group_wants(desired: i32) -> Rule {
+    mock!(Client::describe_auto_scaling_groups)
+        .match_requests(|req| req.auto_scaling_group_names() == [GROUP])
+        .then_output(move || {
+            let group = AutoScalingGroup::builder()
+                .auto_scaling_group_name(GROUP)
+                .desired_capacity(desired)
+                .min_size(0)
+                .max_size(20)
+                .build();
+            DescribeAutoScalingGroupsOutput::builder()
+                .auto_scaling_groups(group)
+                .build()
+        })
+}
+
 fn terminate_with_decrement() -> Rule {
     mock!(Client::terminate_instance_in_auto_scaling_group)
         .match_requests(|req| {
@@ -112,13 +130,30 @@ async fn set_desired_sets_the_capacity_without_honouring_cooldown() {
                 && req.honor_cooldown() == Some(false)
         })
         .then_output(|| SetDesiredCapacityOutput::builder().build());
-    let aws = actuator(None, &[&rule]);
+    let group = group_wants(4);
+    let aws = actuator(None, &[&group, &rule]);
 
     aws.set_desired(6, "utilisation above target")
         .await
         .unwrap();
 
     assert_eq!(rule.num_calls(), 1);
+}
+
+/// Herald may not see instances still booting: it never lowers a desired capacity.
+#[tokio::test]
+async fn set_desired_never_lowers_the_group() {
+    let group = group_wants(9);
+    let set = mock!(Client::set_desired_capacity)
+        .then_output(|| SetDesiredCapacityOutput::builder().build());
+    let aws = actuator(None, &[&group, &set]);
+
+    aws.set_desired(6, "utilisation above target")
+        .await
+        .unwrap();
+
+    assert_eq!(group.num_calls(), 1);
+    assert_eq!(set.num_calls(), 0);
 }
 
 #[tokio::test]
@@ -308,7 +343,8 @@ async fn a_service_error_fails_with_its_code_and_message() {
                 .build(),
         )
     });
-    let aws = actuator(None, &[&rule]);
+    let group = group_wants(4);
+    let aws = actuator(None, &[&group, &rule]);
 
     let (action, message) = failure_message(aws.set_desired(8, "load").await);
 

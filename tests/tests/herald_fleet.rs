@@ -159,11 +159,23 @@ async fn bad_reports_are_refused_with_the_reason() -> Result<()> {
 
 /// Three idle workers, a minimum of two: herald drains the one with the fewest connections,
 /// its client is closed with 1012 (reconnect elsewhere), and once it is empty herald records
-/// it drained; the others keep their clients.
+/// it drained and the actuator (a command, here) is told to remove it; the others keep their
+/// clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_in_drains_the_emptiest_worker_end_to_end() -> Result<()> {
+    let calls = std::env::temp_dir().join(format!(
+        "herald-exec-{}-{:08x}.log",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let script = format!(
+        "echo \"$PUSHFLEET_EVENT $PUSHFLEET_WORKER_ID $PUSHFLEET_DESIRED\" >> '{}'",
+        calls.display()
+    );
     let h = TestHerald::start(|c| {
         fast(c);
+        c.actuator = herald::config::ActuatorKind::Exec;
+        c.exec = vec!["/bin/sh".into(), "-c".into(), script];
         c.startup_grace = Duration::from_secs(3);
         c.scale_in_window = Duration::from_secs(1);
         c.scale_in_cooldown = Duration::ZERO;
@@ -224,5 +236,12 @@ async fn scale_in_drains_the_emptiest_worker_end_to_end() -> Result<()> {
     assert_eq!(scale_ins[0]["worker"], "b");
     assert_eq!(a.metric("worker_connections"), 2.0);
     assert_eq!(c.metric("worker_connections"), 3.0);
+    let log = std::fs::read_to_string(&calls).context("the actuator command ran")?;
+    let _ = std::fs::remove_file(&calls);
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("drain_progress"))
+        .collect();
+    assert_eq!(events, ["drain_started b 2", "drained b "], "{log}");
     Ok(())
 }

@@ -151,6 +151,30 @@ impl Aws {
             action,
             message: format!("desired capacity {desired} is more than Auto Scaling accepts"),
         })?;
+        // Herald only grows the group this way, and may not see instances still booting: never
+        // lower a desired capacity someone (or an earlier herald) already raised, or the group
+        // would pick its own victims.
+        let groups = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.group)
+            .send()
+            .await
+            .map_err(|e| failure(action, e))?;
+        let current = groups
+            .auto_scaling_groups()
+            .first()
+            .ok_or_else(|| ActuatorError::Failed {
+                actuator: "aws",
+                action,
+                message: format!("Auto Scaling group {} not found", self.group),
+            })?
+            .desired_capacity();
+        if current.is_some_and(|c| c >= capacity) {
+            tracing::info!(group = %self.group, desired, current, reason,
+                "aws: group already wants at least this many; left as it is");
+            return Ok(());
+        }
         self.client
             .set_desired_capacity()
             .auto_scaling_group_name(&self.group)
