@@ -150,14 +150,14 @@ async function refresh() {
     document.getElementById("summary").innerHTML =
       `<span>workers <b>${s.workers.length}</b></span><span>desired <b>${s.desired ?? "–"}</b></span>` +
       `<span>applied <b>${s.desired_applied ?? "–"}</b></span><span>table v${s.table_version}</span>` +
-      `<span>draining ${s.drains.length}</span><span>up ${s.uptime_s.toFixed(0)} s</span>`;
+      `<span>draining ${s.workers.filter(w => w.drain_cause || w.retired).length}</span><span>scale-in drains ${s.drains.length}</span><span>up ${s.uptime_s.toFixed(0)} s</span>`;
     document.getElementById("workers").innerHTML = s.workers.map(w => {
       const tags = [!w.trusted && "new", w.trusted && !w.warm && "warming", w.drain_cause && "draining", w.retired && "retired"]
         .filter(Boolean).map(t => `<span class="tag">${t}</span>`).join("");
       const cls = (w.utilisation > 0.7 ? "hot " : "") + (w.drain_cause ? "draining" : "");
       return `<tr class="${cls}"><td>${esc(w.id)}<br><small>${esc(w.address)}</small></td><td>${esc(w.state)}${tags}</td>` +
         `<td><span class="bar" style="width:${Math.min(100, 100 * w.utilisation).toFixed(0)}px"></span>${pct(w.utilisation)}</td>` +
-        `<td>${esc(w.dominant)}</td><td class="n">${pct(w.weight)}</td><td class="n">${w.connections}</td>` +
+        `<td>${esc(w.dominant)}</td><td class="n">${w.drain_cause || w.retired ? "drain" : pct(w.weight)}</td><td class="n">${w.connections}</td>` +
         `<td class="n">${w.deliveries_per_s.toFixed(0)}</td><td class="n">${pct(w.cpu_ratio)}</td><td class="n">${mib(w.rss_bytes)}</td>` +
         `<td class="n">${(1000 * w.loop_lag_seconds).toFixed(1)} ms</td><td class="n">${(1000 * w.publish_to_socket_p99_seconds).toFixed(1)} ms</td>` +
         `<td class="n">${(w.report_age_ms / 1000).toFixed(1)} s</td></tr>`;
