@@ -185,9 +185,10 @@ pub struct Config {
     #[arg(long, env = "HERALD_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
 
-    /// Program and arguments for `--actuator exec` (repeat for each argument, or give a TOML
-    /// array); decisions arrive as PUSHFLEET_* environment variables.
-    #[arg(long = "exec", env = "HERALD_EXEC", value_delimiter = ' ')]
+    /// Program and arguments for `--actuator exec`: repeat the flag for each argument, or give
+    /// a TOML array (the environment variable holds the program alone). No shell is involved;
+    /// decisions arrive as PUSHFLEET_* environment variables.
+    #[arg(long = "exec", env = "HERALD_EXEC")]
     pub exec: Vec<String>,
 
     /// Auto Scaling group name for `--actuator aws`.
@@ -332,6 +333,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exec_command_keeps_its_arguments_whole() {
+        let path = std::env::temp_dir().join(format!("herald-exec-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "actuator = \"exec\"\nexec = [\"/bin/sh\", \"-c\", \"echo a b\"]\n",
+        )
+        .unwrap();
+        let args = ["herald", "--config", path.to_str().unwrap()];
+        let c: Config = protocol::layered::parse_from(args, "config").unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(c.exec, ["/bin/sh", "-c", "echo a b"]);
+        assert_eq!(c.check(), Ok(()));
+    }
 
     #[test]
     fn defaults_are_valid_and_mismatches_are_named() {
