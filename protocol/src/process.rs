@@ -99,6 +99,73 @@ where
     }
 }
 
+/// The `host:port` of an `http://host:port[/]` URL (how binaries name herald); the error says
+/// what is wrong.
+pub fn parse_http_url(url: &str) -> Result<String, String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err("must start with http:// (herald speaks plain HTTP)".into());
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#', '@']) || authority.chars().any(char::is_whitespace) {
+        return Err("must be http://host:port with no path, query or user".into());
+    }
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return Err("must name a port: http://host:port".into());
+    };
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.is_empty() || (host.contains(':') && !bracketed) || host == "[]" {
+        return Err(format!("{host:?} is not a host name or address"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(authority.to_string()),
+        _ => Err(format!("{port:?} is not a port number (1-65535)")),
+    }
+}
+
+/// One HTTP/1.1 exchange on a new connection to `authority` (`host:port`): sends `request`
+/// (with `Host` and `Connection: close` added) and reads the answer's status and body, the body
+/// at most `max_body_bytes`. The caller bounds the time (`tokio::time::timeout`); the
+/// connection task ends with the exchange.
+pub async fn http_call(
+    authority: &str,
+    mut request: Request<Full<Bytes>>,
+    max_body_bytes: usize,
+) -> Result<(hyper::StatusCode, Bytes), String> {
+    use http_body_util::{BodyExt, Limited};
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(conn);
+    let headers = request.headers_mut();
+    headers.insert(
+        hyper::header::HOST,
+        authority
+            .parse()
+            .map_err(|_| format!("{authority:?} is not a host"))?,
+    );
+    headers.insert(hyper::header::CONNECTION, "close".parse().expect("valid"));
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), max_body_bytes)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    }
+    .await;
+    driver.abort();
+    result
+}
+
 /// The Prometheus text exposition of every metric in `registry`.
 pub fn render_metrics(registry: &prometheus::Registry) -> String {
     use prometheus::Encoder;

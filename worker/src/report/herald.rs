@@ -3,13 +3,11 @@
 //! idle ones).
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::StatusCode;
-use hyper_util::rt::TokioIo;
 use protocol::load::{LoadReport, ReportReply, REPORT_VERSION};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::net::TcpStream;
 
 /// The path reports are posted to.
 pub const REPORTS_PATH: &str = "/v1/reports";
@@ -42,24 +40,7 @@ pub enum SendError {
 
 /// The `host:port` of an `http://host:port[/]` URL; the error says what is wrong.
 pub fn parse_url(url: &str) -> Result<String, String> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err("must start with http:// (herald speaks plain HTTP)".into());
-    };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains(['/', '?', '#', '@']) || authority.chars().any(char::is_whitespace) {
-        return Err("must be http://host:port with no path, query or user".into());
-    }
-    let Some((host, port)) = authority.rsplit_once(':') else {
-        return Err("must name a port: http://host:port".into());
-    };
-    let bracketed = host.starts_with('[') && host.ends_with(']');
-    if host.is_empty() || (host.contains(':') && !bracketed) || host == "[]" {
-        return Err(format!("{host:?} is not a host name or address"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(authority.to_string()),
-        _ => Err(format!("{port:?} is not a port number (1-65535)")),
-    }
+    protocol::process::parse_http_url(url)
 }
 
 /// Posts `report` to herald at `authority` (`host:port`) and reads its reply, all within
@@ -70,39 +51,19 @@ pub async fn post(
     timeout: Duration,
 ) -> Result<ReportReply, SendError> {
     let body = Bytes::from(report.encode());
-    tokio::time::timeout(timeout, exchange(authority, body, timeout))
+    tokio::time::timeout(timeout, exchange(authority, body))
         .await
         .unwrap_or(Err(SendError::Timeout(timeout)))
 }
 
-async fn exchange(
-    authority: &str,
-    body: Bytes,
-    timeout: Duration,
-) -> Result<ReportReply, SendError> {
-    let io = |e: &dyn std::fmt::Display| SendError::Io(e.to_string());
-    let stream = TcpStream::connect(authority).await.map_err(|e| io(&e))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| io(&e))?;
-    // Ends when the exchange is over, or when `sender` is dropped; bounded all the same.
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(timeout, conn).await;
-    });
+async fn exchange(authority: &str, body: Bytes) -> Result<ReportReply, SendError> {
     let request = hyper::Request::post(REPORTS_PATH)
-        .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::CONNECTION, "close")
         .body(Full::new(body))
-        .map_err(|e| io(&e))?;
-    let response = sender.send_request(request).await.map_err(|e| io(&e))?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), MAX_REPLY_BYTES)
-        .collect()
+        .map_err(|e| SendError::Io(e.to_string()))?;
+    let (status, body) = protocol::process::http_call(authority, request, MAX_REPLY_BYTES)
         .await
-        .map_err(|e| io(&*e))?
-        .to_bytes();
+        .map_err(SendError::Io)?;
     match status {
         StatusCode::OK => decode_reply(&body),
         StatusCode::BAD_REQUEST => Err(SendError::Refused(reason(&body))),
