@@ -1,22 +1,51 @@
 //! Placement: which worker takes the next connection. Pure: `now` is passed in, randomness
-//! comes from a seeded generator the caller owns.
+//! comes from a generator the caller owns.
 //!
-//! THE API BELOW IS FIXED (the connection path calls it); the bodies are a first, naive
-//! version to be replaced by power-of-two choices on projected utilisation, staleness decay
-//! and local least-connections fallback.
+//! Connections are not equal work, so placement follows the load workers *report* (through
+//! herald's routing table), not connection counts — until there is no table to trust:
+//!
+//! ```text
+//! table age (since received)   mode       power of two choices on
+//! ─────────────────────────    ────────   ───────────────────────────────────────────────
+//! < stale_after                Fresh      projected utilisation  u + k·Δ/s
+//! < fallback_after             Stale      the same, u and s blended toward equal figures
+//!                                         linearly with age
+//! ≥ fallback_after             Fallback   this proxy's open connections, last table's workers
+//! no table ever                Static     this proxy's open connections, static list
+//! ```
+//!
+//! `Δ` counts the connections this proxy placed on a worker since it first saw the worker's
+//! current `report_seq` (see `p2c::Load` for the formula and why slow start and staleness
+//! enter as they do, and `p2c` for why two random choices rather than the least loaded).
+//!
+//! Candidates are listed, not draining, not in `exclude`, and not marked down after a failed
+//! dial. If only down workers remain they are used anyway: herald being away or every worker
+//! flapping must never turn into refusing clients. `None` means no worker at all.
+//!
+//! Files: `known` (per-worker state and how a new table merges into it), `p2c` (the
+//! choice), `tests` (unit and property tests).
 
+mod known;
+mod p2c;
+#[cfg(test)]
+mod tests;
+
+use known::KnownWorker;
+use p2c::Load;
 use protocol::routing::RoutingTable;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use known::{COST_PER_CONNECTION_CEILING, SLOW_START_FLOOR, UTILISATION_CEILING};
 
 /// How placement behaves.
 #[derive(Debug, Clone)]
 pub struct PlaceSettings {
     /// Workers to use before herald has ever answered (and while it never has), `host:port`.
     pub static_workers: Vec<String>,
-    /// A table older than this (since it was received, plus its report ages) starts decaying
-    /// toward equal weights.
+    /// A table received longer ago than this starts decaying toward equal weights, reaching
+    /// them at `fallback_after`.
     pub stale_after: Duration,
     /// After this long without a fresh table, placement is local least-connections over the
     /// last known workers.
@@ -68,19 +97,39 @@ pub enum Mode {
 pub struct Placer {
     settings: PlaceSettings,
     table: Option<(Arc<RoutingTable>, Instant)>,
+    /// Sorted by id: the table's workers (or the static list), plus unlisted workers this
+    /// proxy still has connections to.
+    known: Vec<KnownWorker>,
+    /// Mean utilisation of the table's workers taking connections.
+    mean_utilisation: f64,
+    /// Reused by every choice.
+    candidates: Vec<usize>,
 }
 
 impl Placer {
     /// A placer with no table yet.
     pub fn new(settings: PlaceSettings) -> Self {
+        let mut known: Vec<KnownWorker> = settings
+            .static_workers
+            .iter()
+            .map(|a| KnownWorker::fixed(a))
+            .collect();
+        known.sort_by(|a, b| a.id.cmp(&b.id));
+        known.dedup_by(|a, b| a.id == b.id);
         Placer {
+            candidates: Vec::with_capacity(known.len()),
             settings,
             table: None,
+            known,
+            mean_utilisation: 0.0,
         }
     }
 
     /// A new table from herald, received at `now`.
     pub fn update(&mut self, table: Arc<RoutingTable>, now: Instant) {
+        self.known = known::merge(std::mem::take(&mut self.known), &table);
+        self.mean_utilisation = known::mean_utilisation(&self.known);
+        self.candidates.reserve(self.known.len());
         self.table = Some((table, now));
     }
 
@@ -103,6 +152,21 @@ impl Placer {
         }
     }
 
+    /// How far the table at `now` has decayed toward equal weights: 0 until `stale_after`,
+    /// 1 at `fallback_after`, linear between.
+    pub fn staleness(&self, now: Instant) -> f64 {
+        let Some((_, at)) = &self.table else {
+            return 1.0;
+        };
+        let age = now.saturating_duration_since(*at).as_secs_f64();
+        let stale = self.settings.stale_after.as_secs_f64();
+        let span = self.settings.fallback_after.as_secs_f64() - stale;
+        if span <= 0.0 {
+            return if age < stale { 0.0 } else { 1.0 };
+        }
+        ((age - stale) / span).clamp(0.0, 1.0)
+    }
+
     /// Chooses a worker for a new connection, leaving out `exclude` (workers already tried
     /// for this connection) and workers marked down. `None`: no worker at all.
     pub fn choose(
@@ -112,49 +176,47 @@ impl Placer {
         exclude: &[Arc<str>],
     ) -> Option<(Choice, Mode)> {
         let mode = self.mode(now);
-        let candidates: Vec<Choice> = match &self.table {
-            Some((t, _)) => t
-                .eligible()
-                .map(|w| Choice {
-                    id: w.id.as_str().into(),
-                    address: w.address.as_str().into(),
-                })
-                .collect(),
-            None => self
-                .settings
-                .static_workers
-                .iter()
-                .map(|a| Choice {
-                    id: a.as_str().into(),
-                    address: a.as_str().into(),
-                })
-                .collect(),
+        let load = match mode {
+            Mode::Fresh | Mode::Stale => Load::Projected {
+                staleness: self.staleness(now),
+                mean_utilisation: self.mean_utilisation,
+            },
+            Mode::Fallback | Mode::Static => Load::OpenConnections,
         };
-        let candidates: Vec<Choice> = candidates
-            .into_iter()
-            .filter(|c| !exclude.contains(&c.id))
-            .collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        let i = rng.random_range(0..candidates.len());
-        Some((candidates[i].clone(), mode))
+        let i = p2c::choose(&self.known, exclude, now, load, &mut self.candidates, rng)?;
+        let w = &self.known[i];
+        Some((
+            Choice {
+                id: w.id.clone(),
+                address: w.address.clone(),
+            },
+            mode,
+        ))
     }
 
     /// A connection to `id` was established (counts toward its projected load and this
     /// proxy's open connections to it).
     pub fn connected(&mut self, id: &str, now: Instant) {
-        let _ = (id, now);
+        let _ = now; // a success ends the down mark whenever it happened
+        known::connected(&mut self.known, id);
     }
 
     /// A connection to `id` ended.
     pub fn released(&mut self, id: &str) {
-        let _ = id;
+        known::released(&mut self.known, id);
     }
 
     /// Dialing `id` failed (refused or timed out): leave it out for a while, longer each
     /// consecutive time.
     pub fn failed(&mut self, id: &str, now: Instant) {
-        let _ = (id, now);
+        if let Ok(i) = known::find(&self.known, id) {
+            let s = &self.settings;
+            self.known[i].failed(now, s.down_min, s.down_max);
+        }
+    }
+
+    /// Connections this proxy has open to `id` (for metrics).
+    pub fn open_connections(&self, id: &str) -> u64 {
+        known::find(&self.known, id).map_or(0, |i| self.known[i].open)
     }
 }
