@@ -153,7 +153,7 @@ impl Placer {
     }
 
     /// How far the table at `now` has decayed toward equal weights: 0 until `stale_after`,
-    /// 1 at `fallback_after`, linear between.
+    /// 1 at `fallback_after` (and without a table), linear between.
     pub fn staleness(&self, now: Instant) -> f64 {
         let Some((_, at)) = &self.table else {
             return 1.0;

@@ -33,7 +33,7 @@ pub(super) enum Load {
     /// **Staleness** (0 fresh .. 1 at the fallback age) blends the reported figures toward
     /// equal ones, because a worker's load moves on without us seeing it. `Δ` is not blended:
     /// this proxy's own placements are never stale, so as a table ages the choice rests more
-    /// and more on them — the fallback's least-connections, reached smoothly.
+    /// and more on them, nearing the fallback's least-connections.
     Projected {
         /// 0..=1.
         staleness: f64,
