@@ -1,6 +1,5 @@
-//! `proxy`: not runnable yet (see the proxy issue).
+//! `proxy`: see `proxy --help` and the crate docs.
 
 fn main() -> std::process::ExitCode {
-    eprintln!("proxy: not built yet");
-    std::process::ExitCode::FAILURE
+    protocol::process::main("proxy", |c: &proxy::Config| &c.log_format, proxy::run)
 }

@@ -1,0 +1,54 @@
+//! The admin HTTP port: `GET /metrics` (Prometheus), `GET /healthz` (alive), `GET /readyz`
+//! (accepting clients: fails while draining, so a load balancer stops sending new ones).
+
+use crate::server::Shared;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Serves the admin port until `stop`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let route = move |req| {
+        let shared = shared.clone();
+        async move { route(&shared, req) }
+    };
+    protocol::process::serve_http(listener, route, stop).await
+}
+
+fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(shared.render_metrics())))
+            .expect("valid response"),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            if shared.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else {
+                text(StatusCode::OK, "ready\n".into())
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET for /metrics, /healthz and /readyz\n".into(),
+        ),
+        (_, path) => text(
+            StatusCode::NOT_FOUND,
+            format!("no admin endpoint at {path}; try /metrics, /healthz, /readyz\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}

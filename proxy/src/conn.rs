@@ -1,0 +1,199 @@
+//! One client connection, from accept to close, top to bottom in [`serve`]:
+//! admission → request head → choose, connect and forward (another worker on failure) →
+//! placed → relay → released.
+//!
+//! Until the upgrade is relayed, the client is answered by the proxy (see [`Reject`]); after
+//! it, everything the worker says (its 101, or its own refusal) reaches the client untouched.
+
+use crate::admission::Refusal;
+use crate::forward;
+use crate::place::{Choice, Mode};
+use crate::reject::Reject;
+use crate::relay;
+use crate::request::{self, Head};
+use crate::server::Shared;
+use rand::Rng;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+/// Serves one accepted client connection until it closes, or until `stop` (end of a drain).
+pub async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let cfg = &shared.config;
+    shared.metrics.accepted.inc();
+
+    // 1. Admission, before reading anything: the permit is this connection's slot.
+    let _permit = match shared.admission.admit(Instant::now()) {
+        Ok(permit) => permit,
+        Err((refusal, retry_after)) => {
+            let limit = match refusal {
+                Refusal::Rate => format!("{}/s", cfg.accept_rate),
+                Refusal::Connections => cfg.max_connections.to_string(),
+            };
+            let why = Reject::Admission {
+                refusal,
+                retry_after,
+                limit,
+            };
+            return reject(&mut client, peer, &shared, why).await;
+        }
+    };
+    let _ = client.set_nodelay(true);
+
+    // 2. The request head, bounded in size and time.
+    let reading = request::read_head(&mut client, cfg.max_request_bytes);
+    let head = match timeout(cfg.handshake_timeout, reading).await {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) => return, // closed before a whole head: no one to answer
+        Ok(Err(e)) => return reject(&mut client, peer, &shared, Reject::Head(e)).await,
+        Err(_) => {
+            let why = Reject::HandshakeTimeout(cfg.handshake_timeout);
+            return reject(&mut client, peer, &shared, why).await;
+        }
+    };
+
+    // 3. Choose a worker, connect and forward the head; another worker on failure.
+    let (mut worker, choice, mode) = match dial(&shared, &client, peer, head).await {
+        Ok(placed) => placed,
+        Err(why) => return reject(&mut client, peer, &shared, why).await,
+    };
+
+    // 4. Placed: it counts toward the worker's projected load until released.
+    shared.placer.lock().connected(&choice.id, Instant::now());
+    let mode_label = crate::metrics::mode_label(mode);
+    shared
+        .metrics
+        .placements
+        .with_label_values(&[&choice.id, mode_label])
+        .inc();
+    tracing::debug!(%peer, worker = %choice.id, mode = mode_label, "placed");
+
+    // 5. Relay both ways until either side ends it (or the drain does).
+    let (end, moved) = relay::relay(
+        &mut client,
+        &mut worker,
+        &shared.relay,
+        &shared.metrics.relay_bytes,
+        &stop,
+    )
+    .await;
+
+    // 6. Released.
+    shared.placer.lock().released(&choice.id);
+    shared
+        .metrics
+        .relays_ended
+        .with_label_values(&[end.label()])
+        .inc();
+    tracing::debug!(
+        %peer, worker = %choice.id, end = end.label(),
+        to_worker = moved.to_worker, to_client = moved.to_client, "relay ended"
+    );
+}
+
+/// Chooses a worker, connects to it and sends it the first bytes (see [`forward`]), within
+/// `--connect-timeout`; on failure marks it failed and tries another, at most
+/// `--connect-attempts` different workers.
+async fn dial(
+    shared: &Shared,
+    client: &TcpStream,
+    peer: SocketAddr,
+    head: Head,
+) -> Result<(TcpStream, Choice, Mode), Reject> {
+    let cfg = &shared.config;
+    let local = client.local_addr().unwrap_or(cfg.listen);
+    let first = forward::first_bytes(cfg.forwarded, &head, peer, local, "http");
+    drop(head);
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    while tried.len() < cfg.connect_attempts as usize {
+        let Some((choice, mode)) = choose(shared, &tried) else {
+            break;
+        };
+        if !tried.is_empty() {
+            shared.metrics.connect_retries.inc();
+        }
+        let error = match timeout(cfg.connect_timeout, connect(&choice.address, &first)).await {
+            Ok(Ok(worker)) => return Ok((worker, choice, mode)),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
+                "no answer within --connect-timeout ({:?})",
+                cfg.connect_timeout
+            ),
+        };
+        tracing::warn!(worker = %choice.id, address = %choice.address, %error, "cannot reach worker");
+        shared.placer.lock().failed(&choice.id, Instant::now());
+        shared
+            .metrics
+            .connect_failures
+            .with_label_values(&[&choice.id])
+            .inc();
+        tried.push(choice.id);
+    }
+    if tried.is_empty() {
+        let (min, max) = (cfg.retry_after_min, cfg.retry_after_max);
+        let retry_after = rand::rng().random_range(min..=max);
+        return Err(Reject::NoWorker { retry_after });
+    }
+    Err(Reject::UpstreamFailed {
+        attempts: tried.len() as u32,
+    })
+}
+
+/// One placement decision, timed; the placer's lock is held for the choice only.
+fn choose(shared: &Shared, tried: &[Arc<str>]) -> Option<(Choice, Mode)> {
+    let started = Instant::now();
+    let choice = shared
+        .placer
+        .lock()
+        .choose(started, &mut rand::rng(), tried);
+    let elapsed = started.elapsed().as_secs_f64();
+    shared.metrics.choice_seconds.observe(elapsed);
+    choice
+}
+
+async fn connect(address: &str, first: &[u8]) -> io::Result<TcpStream> {
+    let mut worker = TcpStream::connect(address).await?;
+    worker.set_nodelay(true)?;
+    worker.write_all(first).await?;
+    Ok(worker)
+}
+
+/// Answers `why`, counts it and closes. The write is bounded by `--handshake-timeout`.
+async fn reject(client: &mut TcpStream, peer: SocketAddr, shared: &Shared, why: Reject) {
+    shared
+        .metrics
+        .refused
+        .with_label_values(&[why.label()])
+        .inc();
+    tracing::debug!(%peer, reason = why.label(), "refused");
+    let answer = async {
+        client.write_all(&why.response()).await?;
+        client.shutdown().await
+    };
+    let _ = timeout(shared.config.handshake_timeout, answer).await;
+    discard_unread(client, shared.config.max_request_bytes);
+}
+
+/// Reads and drops what the client has already sent, without waiting: closing a socket with
+/// unread input resets the connection, and a reset can destroy the answer before the client
+/// reads it.
+fn discard_unread(client: &TcpStream, max_bytes: usize) {
+    let mut scratch = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < max_bytes {
+        match client.try_read(&mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => discarded += n,
+        }
+    }
+}
