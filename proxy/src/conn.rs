@@ -123,7 +123,14 @@ async fn dial(
             shared.metrics.connect_retries.inc();
         }
         let error = match timeout(cfg.connect_timeout, connect(&choice.address, &first)).await {
-            Ok(Ok(worker)) => return Ok((worker, choice, mode)),
+            Ok(Ok(worker)) => {
+                shared
+                    .metrics
+                    .relay_bytes
+                    .to_worker
+                    .inc_by(first.len() as u64);
+                return Ok((worker, choice, mode));
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!(
                 "no answer within --connect-timeout ({:?})",

@@ -83,7 +83,7 @@ impl Metrics {
         };
         let relay_bytes = counter_vec(
             "proxy_relay_bytes_total",
-            "Bytes relayed, by direction (to_worker, to_client)",
+            "Bytes relayed, by direction (to_worker, to_client); to_worker includes the request head and any PROXY header",
             &["direction"],
         );
         let choice_seconds = Histogram::with_opts(

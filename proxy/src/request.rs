@@ -134,11 +134,11 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Head>, HeadError> {
             .map_or(len, |i| value_end + i + 1);
         offset(h.name.as_bytes())..lf
     };
-    let forwarded_for_end = named("x-forwarded-for").last().map(|h| {
+    let forwarded_for_end = named("x-forwarded-for").next_back().map(|h| {
         let empty = h.value.iter().all(u8::is_ascii_whitespace);
         (offset(h.value) + h.value.len(), empty)
     });
-    let forwarded_proto_lines = named("x-forwarded-proto").map(|h| line(h)).collect();
+    let forwarded_proto_lines = named("x-forwarded-proto").map(line).collect();
     let blank_line_at = if buf[..len].ends_with(b"\r\n\r\n") || buf[..len].ends_with(b"\n\r\n") {
         len - 2
     } else {
