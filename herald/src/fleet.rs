@@ -264,12 +264,7 @@ impl Fleet {
             .map(|t| {
                 let slow_start = self.slow_start(t, now);
                 let share = if best > 0.0 { headroom(t) / best } else { 1.0 };
-                let cost = t
-                    .score
-                    .measured_cost
-                    .or(typical)
-                    .unwrap_or(t.score.slot_cost)
-                    .max(t.score.slot_cost);
+                let cost = score::connection_cost(&t.score, typical);
                 RoutedWorker {
                     id: t.report.worker.id.clone(),
                     address: t.report.worker.address.clone(),
@@ -436,6 +431,34 @@ mod tests {
             .cost_per_connection;
         let expected = (0.2 / 1000.0 / 0.85 + 0.4 / 1000.0 / 0.85) / 2.0;
         assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+    }
+
+    /// A worker with few slots must not lend its slot cost to workers with many.
+    #[test]
+    fn a_borrowed_cost_never_includes_another_workers_slot() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new(FleetSettings::default());
+        let mut small = report("small", 10, 0.0);
+        small.max_connections = 20;
+        small.cost_per_connection = protocol::load::ConnectionCost::default();
+        small.seq = 100;
+        f.record(small, t0);
+        let mut idle = report("idle", 0, 0.0);
+        idle.seq = 100;
+        f.record(idle, t0);
+        let rows = f.routed(t0);
+        let cost = |id: &str| {
+            rows.iter()
+                .find(|r| r.id == id)
+                .unwrap()
+                .cost_per_connection
+        };
+        assert!((cost("small") - 1.0 / 19.0).abs() < 1e-12);
+        assert!(
+            (cost("idle") - 1.0 / 9500.0).abs() < 1e-12,
+            "{}",
+            cost("idle")
+        );
     }
 
     #[test]

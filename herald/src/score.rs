@@ -83,6 +83,16 @@ impl Resource {
     }
 }
 
+/// What one more connection costs a worker: the work a connection does (its own measurement,
+/// or the fleet's typical one) or its connection slot, whichever is more.
+pub fn connection_cost(score: &Score, typical: Option<f64>) -> f64 {
+    score
+        .measured_cost
+        .or(typical)
+        .unwrap_or(0.0)
+        .max(score.slot_cost)
+}
+
 /// One report's score.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Score {
@@ -92,8 +102,10 @@ pub struct Score {
     pub dominant: Resource,
     /// Every resource's use over capacity (resources without a capacity left out).
     pub resources: Vec<(Resource, f64)>,
-    /// Utilisation one more connection adds, from the worker's own measurement; `None` when
-    /// it has no connections to measure (the fleet's typical cost is used instead).
+    /// Utilisation one more connection adds through the work it does (CPU, memory, bytes and
+    /// deliveries out), from the worker's own measurement; `None` when it has no connections to
+    /// measure (the fleet's typical cost is used instead). Its connection slot is apart: slots
+    /// differ between workers, so a cost borrowed from another worker never includes one.
     pub measured_cost: Option<f64>,
     /// Utilisation one connection slot takes, whatever the connection does.
     pub slot_cost: f64,
@@ -166,7 +178,7 @@ pub fn score(r: &LoadReport, caps: &Capacities) -> Score {
         ]
         .into_iter()
         .flatten()
-        .fold(slot_cost, f64::max)
+        .fold(0.0, f64::max)
     });
     Score {
         utilisation,
@@ -283,10 +295,10 @@ pub(crate) mod tests {
         let idle = score(&report("b", 0, 0.01), &caps);
         assert_eq!(idle.measured_cost, None);
         assert!((idle.slot_cost - 1.0 / 9500.0).abs() < 1e-12);
-        // A connection never costs less than its slot.
+        // A connection that costs nothing measurable: its slot is counted apart.
         let mut r = report("c", 1000, 0.0);
         r.cost_per_connection = ConnectionCost::default();
-        assert_eq!(score(&r, &caps).measured_cost, Some(1.0 / 9500.0));
+        assert_eq!(score(&r, &caps).measured_cost, Some(0.0));
     }
 
     #[test]
