@@ -120,6 +120,15 @@ pub struct Config {
     #[arg(long, env = "PROXY_DOWN_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub down_max: Duration,
 
+    /// PEM certificate chain (leaf first) for TLS toward clients; with `--tls-key` the client
+    /// port speaks TLS (wss://) and workers are told `X-Forwarded-Proto: https`.
+    #[arg(long, env = "PROXY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "PROXY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// How workers learn the client's address: `headers` (X-Forwarded-For, appended to one the
     /// client sent, and X-Forwarded-Proto), `proxy-v2` (a PROXY protocol v2 header before the
     /// request; the request goes unchanged) or `none`.
@@ -250,5 +259,6 @@ mod tests {
         let c = Config::parse_from(["proxy", "--worker", "a:1", "--retry-after-min", "1m"]);
         assert_eq!(c.check().unwrap_err().0, "--retry-after-min");
         assert!(Config::try_parse_from(["proxy", "--connect-attempts", "0"]).is_err());
+        assert!(Config::try_parse_from(["proxy", "--tls-cert", "c.pem"]).is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! One client connection, from accept to close, top to bottom in [`serve`]:
-//! admission → request head → choose, connect and forward (another worker on failure) →
-//! placed → relay → released.
+//! admission → TLS handshake (when configured) → request head → choose, connect and forward
+//! (another worker on failure) → placed → relay → released.
 //!
 //! Until the upgrade is relayed, the client is answered by the proxy (see [`Reject`]); after
 //! it, everything the worker says (its 101, or its own refusal) reaches the client untouched.
@@ -12,6 +12,7 @@ use crate::reject::Reject;
 use crate::relay;
 use crate::request::{self, Head};
 use crate::server::Shared;
+use crate::tls::ClientStream;
 use rand::Rng;
 use std::io;
 use std::net::SocketAddr;
@@ -19,18 +20,15 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 /// Serves one accepted client connection until it closes, or until `stop` (end of a drain).
-pub async fn serve(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: CancellationToken) {
     let cfg = &shared.config;
     shared.metrics.accepted.inc();
+    let _ = tcp.set_nodelay(true);
+    let mut client = ClientStream::Plain(tcp);
 
     // 1. Admission, before reading anything: the permit is this connection's slot.
     let _permit = match shared.admission.admit(Instant::now()) {
@@ -48,11 +46,28 @@ pub async fn serve(
             return reject(&mut client, peer, &shared, why).await;
         }
     };
-    let _ = client.set_nodelay(true);
+    // The TLS handshake and the request head share one deadline.
+    let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
 
-    // 2. The request head, bounded in size and time.
+    // 2. The TLS handshake, when configured.
+    if let Some(acceptor) = &shared.tls {
+        client = match timeout_at(deadline, client.accept(acceptor)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(_)) | Err(_) => {
+                shared
+                    .metrics
+                    .refused
+                    .with_label_values(&["tls_handshake"])
+                    .inc();
+                tracing::debug!(%peer, "TLS handshake failed or timed out");
+                return;
+            }
+        };
+    }
+
+    // 3. The request head, bounded in size and time.
     let reading = request::read_head(&mut client, cfg.max_request_bytes);
-    let head = match timeout(cfg.handshake_timeout, reading).await {
+    let head = match timeout_at(deadline, reading).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => return, // closed before a whole head: no one to answer
         Ok(Err(e)) => return reject(&mut client, peer, &shared, Reject::Head(e)).await,
@@ -62,13 +77,13 @@ pub async fn serve(
         }
     };
 
-    // 3. Choose a worker, connect and forward the head; another worker on failure.
+    // 4. Choose a worker, connect and forward the head; another worker on failure.
     let (mut worker, choice, mode) = match dial(&shared, &client, peer, head).await {
         Ok(placed) => placed,
         Err(why) => return reject(&mut client, peer, &shared, why).await,
     };
 
-    // 4. Placed: it counts toward the worker's projected load until released.
+    // 5. Placed: it counts toward the worker's projected load until released.
     shared.placer.lock().connected(&choice.id, Instant::now());
     let mode_label = crate::metrics::mode_label(mode);
     shared
@@ -78,7 +93,7 @@ pub async fn serve(
         .inc();
     tracing::debug!(%peer, worker = %choice.id, mode = mode_label, "placed");
 
-    // 5. Relay both ways until either side ends it (or the drain does).
+    // 6. Relay both ways until either side ends it (or the drain does).
     let (end, moved) = relay::relay(
         &mut client,
         &mut worker,
@@ -88,7 +103,7 @@ pub async fn serve(
     )
     .await;
 
-    // 6. Released.
+    // 7. Released.
     shared.placer.lock().released(&choice.id);
     shared
         .metrics
@@ -106,13 +121,13 @@ pub async fn serve(
 /// `--connect-attempts` different workers.
 async fn dial(
     shared: &Shared,
-    client: &TcpStream,
+    client: &ClientStream,
     peer: SocketAddr,
     head: Head,
 ) -> Result<(TcpStream, Choice, Mode), Reject> {
     let cfg = &shared.config;
-    let local = client.local_addr().unwrap_or(cfg.listen);
-    let first = forward::first_bytes(cfg.forwarded, &head, peer, local, "http");
+    let local = client.tcp().local_addr().unwrap_or(cfg.listen);
+    let first = forward::first_bytes(cfg.forwarded, &head, peer, local, client.proto());
     drop(head);
     let mut tried: Vec<Arc<str>> = Vec::new();
     while tried.len() < cfg.connect_attempts as usize {
@@ -175,20 +190,24 @@ async fn connect(address: &str, first: &[u8]) -> io::Result<TcpStream> {
     Ok(worker)
 }
 
-/// Answers `why`, counts it and closes. The write is bounded by `--handshake-timeout`.
-async fn reject(client: &mut TcpStream, peer: SocketAddr, shared: &Shared, why: Reject) {
+/// Answers `why` (unless the client is still to do its TLS handshake), counts it and closes.
+/// The write is bounded by `--handshake-timeout`.
+async fn reject(client: &mut ClientStream, peer: SocketAddr, shared: &Shared, why: Reject) {
     shared
         .metrics
         .refused
         .with_label_values(&[why.label()])
         .inc();
     tracing::debug!(%peer, reason = why.label(), "refused");
-    let answer = async {
-        client.write_all(&why.response()).await?;
-        client.shutdown().await
-    };
-    let _ = timeout(shared.config.handshake_timeout, answer).await;
-    discard_unread(client, shared.config.max_request_bytes);
+    let can_answer = shared.tls.is_none() || matches!(client, ClientStream::Tls(_));
+    if can_answer {
+        let answer = async {
+            client.write_all(&why.response()).await?;
+            client.shutdown().await
+        };
+        let _ = timeout(shared.config.handshake_timeout, answer).await;
+    }
+    discard_unread(client.tcp(), shared.config.max_request_bytes);
 }
 
 /// Reads and drops what the client has already sent, without waiting: closing a socket with

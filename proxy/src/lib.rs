@@ -4,6 +4,7 @@
 //! ```text
 //!  clients ──TCP──▶ server (accept loop) ──▶ conn::serve, one task per connection:
 //!                                            1 admission   token bucket + cap → 503 Retry-After
+//!                                              (tls)       handshake, when configured
 //!                                            2 request     bounded head → 431 / 408 / 400
 //!                                            3 dial        place::Placer::choose → connect →
 //!                                                          forward (X-Forwarded-* or PROXY v2);
@@ -18,6 +19,7 @@
 //! - [`server`]: binds the ports, accepts, and runs the lifecycle (serve → drain → stop).
 //! - [`conn`]: one connection's life, the phases above, top to bottom.
 //! - [`admission`]: new-connection rate and concurrent-connection cap.
+//! - [`tls`]: TLS toward clients, when configured.
 //! - [`request`]: reading and checking the upgrade request head.
 //! - [`place`]: which worker takes the connection (pure: `now` and the rng passed in).
 //! - [`forward`]: what the worker is told about the client (headers or PROXY v2).
@@ -37,6 +39,7 @@ pub mod reject;
 pub mod relay;
 pub mod request;
 pub mod server;
+pub mod tls;
 pub mod watch;
 
 pub use config::Config;

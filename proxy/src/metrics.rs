@@ -114,12 +114,13 @@ impl Metrics {
         register(Box::new(placement_mode.clone()));
         let refused = counter_vec(
             "proxy_refused_total",
-            "Client connections refused, by reason (rate, connections, bad_request, request_too_large, handshake_timeout, no_worker, upstream_failed)",
+            "Client connections refused, by reason (rate, connections, tls_handshake, bad_request, request_too_large, handshake_timeout, no_worker, upstream_failed)",
             &["reason"],
         );
         for reason in [
             "rate",
             "connections",
+            "tls_handshake",
             "bad_request",
             "request_too_large",
             "handshake_timeout",

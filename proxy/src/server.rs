@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -64,6 +65,8 @@ pub struct Shared {
     pub admission: Admission,
     /// Placement. The lock is held for one decision or update at a time, never across I/O.
     pub placer: Arc<Mutex<Placer>>,
+    /// TLS toward clients, when configured.
+    pub tls: Option<TlsAcceptor>,
     /// Relay settings, from the configuration.
     pub relay: RelaySettings,
     /// Metrics.
@@ -123,6 +126,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Proxy,
         }
         None => None,
     };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::acceptor(cert, key)
+                .map_err(|(setting, why)| ProxyError::Setting { setting, why })?,
+        ),
+        _ => None,
+    };
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -143,6 +153,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Proxy,
     let shared = Arc::new(Shared {
         admission: Admission::new(config.admission()),
         placer: Arc::new(Mutex::new(Placer::new(config.placement()))),
+        tls,
         relay: config.relay(),
         metrics: Metrics::new(),
         watch: herald.as_ref().map(|_| Arc::new(WatchStatus::default())),
@@ -150,7 +161,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Proxy,
         config,
     });
     tracing::info!(
-        ws = %ws_addr, admin = %admin_addr, herald = ?herald,
+        ws = %ws_addr, admin = %admin_addr, tls = shared.tls.is_some(), herald = ?herald,
         workers = ?shared.config.workers, forwarded = ?shared.config.forwarded,
         "proxy listening"
     );
