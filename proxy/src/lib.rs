@@ -4,14 +4,14 @@
 //! ```text
 //!  clients ──TCP──▶ server (accept loop) ──▶ conn::serve, one task per connection:
 //!                                            1 admission   token bucket + cap → 503 Retry-After
-//!                                              (tls)       handshake, when configured
-//!                                            2 request     bounded head → 431 / 408 / 400
-//!                                            3 dial        place::Placer::choose → connect →
+//!                                            2 tls         handshake, when configured
+//!                                            3 request     bounded head → 431 / 408 / 400
+//!                                            4 dial        place::Placer::choose → connect →
 //!                                                          forward (X-Forwarded-* or PROXY v2);
 //!                                                          failed → another worker, then 502
-//!                                            4 placed      Placer::connected
-//!                                            5 relay       bytes both ways ──────────▶ worker
-//!                                            6 released    Placer::released
+//!                                            5 placed      Placer::connected
+//!                                            6 relay       bytes both ways ──────────▶ worker
+//!                                            7 released    Placer::released
 //!  herald ──routing table (long poll)──▶ watch ──▶ Placer::update
 //! ```
 //!
