@@ -5,7 +5,8 @@
 #   2. checks formatting and lints,
 #   3. cargo tests (unit, property and integration tests with real sockets),
 #   4. ZeroMQ interop tests against a real libzmq publisher (pyzmq),
-#   5. Autobahn Testsuite conformance of the worker's WebSocket endpoint (golden per-case results),
+#   5. Autobahn Testsuite conformance of the worker's WebSocket endpoint, directly and through
+#      the proxy (golden per-case results),
 #   6. a bounded run of every fuzz target.
 # Non-interactive; every step is bounded in time. Ends with "N passed, N failed" (steps).
 set -uo pipefail
@@ -49,7 +50,7 @@ install_python() {
 
 install_autobahn() { bash tests/autobahn/setup.sh; }
 
-build_release() { cargo build --release --locked -p pushfleet-worker; }
+build_release() { cargo build --release --locked -p pushfleet-worker -p pushfleet-proxy; }
 
 lint() {
   cargo fmt --all -- --check && cargo clippy --locked --workspace --all-targets -- -D warnings
@@ -62,26 +63,42 @@ interop() {
   WORKER_BIN="$repo/target/release/worker" timeout 600 "$repo/.venv/bin/pytest" tests/interop -q
 }
 
+# Waits for a server's announce file and prints one of its addresses ("ws" or "admin").
+announced() {
+  local file=$1 key=$2
+  for _ in $(seq 100); do [ -s "$file" ] && break; sleep 0.1; done
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$file" "$key"
+}
+
+# The worker's echo endpoint, directly and through the proxy: the proxy relays bytes as they
+# are (compressed frames included), so both runs must match the same golden results.
 autobahn() {
-  local dir announce pid rc
+  local dir pid proxy_pid ws via rc
   dir=$(mktemp -d)
-  announce="$dir/announce.json"
   # Large limits so the 9.* cases (messages up to 16 MiB) run; the echo path is test-only.
   "$repo/target/release/worker" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
-    --announce-file "$announce" --echo-path /echo --id autobahn \
+    --announce-file "$dir/worker.json" --echo-path /echo --id autobahn \
     --max-frame-bytes 20000000 --max-message-bytes 20000000 --max-decompressed-bytes 20000000 \
     --outbound-queue-bytes 100000000 --compression-min-bytes 0 2>"$dir/worker.log" &
   pid=$!
-  for _ in $(seq 100); do [ -s "$announce" ] && break; sleep 0.1; done
-  local ws
-  ws=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ws"])' "$announce") || {
-    kill "$pid"; cat "$dir/worker.log"; return 1; }
+  ws=$(announced "$dir/worker.json" ws) || { kill "$pid"; cat "$dir/worker.log"; return 1; }
+  "$repo/target/release/proxy" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --announce-file "$dir/proxy.json" --worker "$ws" 2>"$dir/proxy.log" &
+  proxy_pid=$!
+  via=$(announced "$dir/proxy.json" ws) || { kill "$pid" "$proxy_pid"; cat "$dir/proxy.log"; return 1; }
+  echo "direct: ws://$ws/echo"
   timeout 1500 python3 tests/autobahn/run.py --url "ws://$ws/echo" \
     --golden tests/autobahn/expected.json --report-dir "$dir/report"
   rc=$?
-  kill -TERM "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  [ $rc -eq 0 ] || tail -50 "$dir/worker.log"
+  if [ $rc -eq 0 ]; then
+    echo "through the proxy: ws://$via/echo"
+    timeout 1500 python3 tests/autobahn/run.py --url "ws://$via/echo" \
+      --golden tests/autobahn/expected.json --report-dir "$dir/report-proxy"
+    rc=$?
+  fi
+  kill -TERM "$pid" "$proxy_pid" 2>/dev/null
+  wait "$pid" "$proxy_pid" 2>/dev/null
+  [ $rc -eq 0 ] || tail -50 "$dir/worker.log" "$dir/proxy.log"
   rm -rf "$dir"
   return $rc
 }
@@ -91,7 +108,7 @@ fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
 step "install: Debian packages" install_debian
 step "install: Python test venv" install_python
 step "install: Autobahn (Python 2.7)" install_autobahn
-step "build: release worker" build_release
+step "build: release worker and proxy" build_release
 step "lint: rustfmt and clippy" lint
 step "cargo test" cargo_tests
 step "ZeroMQ interop (pyzmq)" interop
