@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use protocol::load::{LoadReport, MAX_REPORT_BYTES};
+use protocol::process::{respond, text};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -43,21 +44,16 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             let body = status::json(&shared.control.lock(), Instant::now());
             respond(StatusCode::OK, "application/json", body)
         }
-        (&Method::GET, "/") => respond(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            status::PAGE.into(),
-        ),
+        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::PAGE),
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
             shared.metrics.render().into_bytes(),
         ),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (_, "/v1/reports" | "/v1/table" | "/v1/status" | "/" | "/metrics" | "/healthz") => text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "use POST for /v1/reports and GET for /v1/table, /v1/status, /, /metrics, /healthz\n"
-                .into(),
+            "use POST for /v1/reports and GET for /v1/table, /v1/status, /, /metrics, /healthz\n",
         ),
         (_, path) => text(
             StatusCode::NOT_FOUND,
@@ -175,18 +171,6 @@ async fn table(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
         .header("x-table-generation", table.generation)
         .body(Full::new(Bytes::from(table.encode())))
         .expect("valid response")
-}
-
-fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid response")
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    respond(status, "text/plain; charset=utf-8", body.into_bytes())
 }
 
 #[cfg(test)]

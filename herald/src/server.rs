@@ -161,13 +161,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Herald
             "http": http_addr.to_string(),
             "agent": agent_addr.map(|a| a.to_string()),
         });
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text.to_string())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| HeraldError::Announce {
+        protocol::process::write_atomically(path, &text.to_string()).map_err(|source| {
+            HeraldError::Announce {
                 path: path.clone(),
                 source,
-            })?;
+            }
+        })?;
     }
 
     let generation = rand::random::<u64>() >> 11; // fits a JSON number exactly

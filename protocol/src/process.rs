@@ -166,6 +166,32 @@ pub async fn http_call(
     result
 }
 
+/// A response of `status` with `body` as `content_type`.
+pub fn respond(
+    status: hyper::StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+/// A plain-text response.
+pub fn text(status: hyper::StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body.into())
+}
+
+/// Writes `text` to `path` through a temporary file renamed over it, so a reader (a supervisor
+/// or test waiting for an announce file) never sees half of it.
+pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The Prometheus text exposition of every metric in `registry`.
 pub fn render_metrics(registry: &prometheus::Registry) -> String {
     use prometheus::Encoder;

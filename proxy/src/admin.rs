@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use protocol::process::text;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -26,29 +27,21 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
             .body(Full::new(Bytes::from(shared.render_metrics())))
             .expect("valid response"),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else {
-                text(StatusCode::OK, "ready\n".into())
+                text(StatusCode::OK, "ready\n")
             }
         }
         (_, "/metrics" | "/healthz" | "/readyz") => text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "use GET for /metrics, /healthz and /readyz\n".into(),
+            "use GET for /metrics, /healthz and /readyz\n",
         ),
         (_, path) => text(
             StatusCode::NOT_FOUND,
             format!("no admin endpoint at {path}; try /metrics, /healthz, /readyz\n"),
         ),
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid response")
 }

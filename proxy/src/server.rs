@@ -144,9 +144,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Proxy,
     let admin_addr = admin_listener.local_addr().expect("bound");
     if let Some(path) = &config.announce_file {
         let text = serde_json::json!({"ws": ws_addr.to_string(), "admin": admin_addr.to_string()});
-        write_atomically(path, &text.to_string()).map_err(|source| ProxyError::Announce {
-            path: path.clone(),
-            source,
+        protocol::process::write_atomically(path, &text.to_string()).map_err(|source| {
+            ProxyError::Announce {
+                path: path.clone(),
+                source,
+            }
         })?;
     }
 
@@ -257,10 +259,4 @@ async fn accept_loop(
             }
         }
     }
-}
-
-fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }

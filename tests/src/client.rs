@@ -63,6 +63,16 @@ pub async fn raw_upgrade(addr: SocketAddr, request: &str) -> Result<(String, Tcp
 }
 
 impl WsClient {
+    /// Reads messages until the one at `offset` or later (skipping others and notices).
+    pub async fn read_until(&mut self, offset: u64) -> Result<serde_json::Value> {
+        loop {
+            let m = self.recv_json().await?;
+            if m["type"] == "message" && m["position"]["offset"].as_u64() >= Some(offset) {
+                return Ok(m);
+            }
+        }
+    }
+
     /// Connects to `path`, offering pushfleet.v1 and (if `deflate`) permessage-deflate.
     pub async fn connect(
         addr: SocketAddr,

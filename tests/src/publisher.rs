@@ -22,6 +22,29 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Publishes `topic` messages until `c` sees one (ZeroMQ's slow joiner: a subscription
+    /// takes a moment to reach the publisher), within 15 s. Returns the offset of the first one
+    /// received.
+    pub async fn prime(&mut self, c: &mut crate::WsClient, topic: &str) -> Result<u64> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(15);
+        let patience =
+            std::mem::replace(&mut c.read_timeout, std::time::Duration::from_millis(100));
+        let result = loop {
+            self.publish(topic, br#"{"prime":true}"#).await?;
+            if let Ok(m) = c.recv_json().await {
+                anyhow::ensure!(m["topic"] == topic, "unexpected {m}");
+                break m["position"]["offset"]
+                    .as_u64()
+                    .context("a primed message has a position");
+            }
+            if Instant::now() >= deadline {
+                break Err(anyhow::anyhow!("subscription never reached the publisher"));
+            }
+        };
+        c.read_timeout = patience;
+        result
+    }
+
     /// Binds a PUB socket on 127.0.0.1, port 0, with a random epoch.
     pub async fn bind() -> Result<Publisher> {
         let mut socket = zeromq::PubSocket::new();

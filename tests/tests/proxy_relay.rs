@@ -74,34 +74,6 @@ async fn dead_address() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-/// Publishes `topic` messages until `c` sees one (ZeroMQ's slow joiner), then returns.
-async fn prime(p: &mut Publisher, c: &mut WsClient, topic: &str) -> Result<()> {
-    c.read_timeout = Duration::from_millis(100);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        p.publish(topic, br#"{"prime":true}"#).await?;
-        if let Ok(m) = c.recv_json().await {
-            c.read_timeout = Duration::from_secs(10);
-            anyhow::ensure!(m["topic"] == topic, "unexpected {m}");
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "subscription never reached the publisher"
-        );
-    }
-}
-
-/// Reads messages until the one at `offset` (skipping primes).
-async fn read_until(c: &mut WsClient, offset: u64) -> Result<serde_json::Value> {
-    loop {
-        let m = c.recv_json().await?;
-        if m["type"] == "message" && m["position"]["offset"].as_u64() >= Some(offset) {
-            return Ok(m);
-        }
-    }
-}
-
 /// One server frame exactly as it came off the wire.
 async fn raw_frame(stream: &mut TcpStream) -> Result<Vec<u8>> {
     let read = async {
@@ -203,14 +175,14 @@ async fn clients_through_the_proxy_are_welcomed_subscribe_and_receive() -> Resul
         clients.push(c);
     }
     for c in clients.iter_mut() {
-        prime(&mut publisher, c, "match.7").await?;
+        publisher.prime(c, "match.7").await?;
     }
     let goal = publisher
         .publish("match.7", br#"{"goal":"home"}"#)
         .await?
         .offset;
     for c in clients.iter_mut() {
-        let m = read_until(c, goal).await?;
+        let m = c.read_until(goal).await?;
         assert_eq!(m["payload"]["goal"], "home");
     }
     let open: f64 = workers.iter().map(|w| w.metric("worker_connections")).sum();
@@ -258,14 +230,14 @@ async fn compressed_frames_arrive_byte_for_byte_as_the_worker_sent_them() -> Res
     );
     direct.subscribe("big").await?;
     relayed.subscribe("big").await?;
-    prime(&mut publisher, &mut direct, "big").await?;
+    publisher.prime(&mut direct, "big").await?;
     // Everything before this marker is read by both: their read buffers are empty after it.
     let marker = publisher
         .publish("big", br#"{"marker":true}"#)
         .await?
         .offset;
-    read_until(&mut direct, marker).await?;
-    read_until(&mut relayed, marker).await?;
+    direct.read_until(marker).await?;
+    relayed.read_until(marker).await?;
 
     let body = serde_json::json!({"text": "a long commentary line ".repeat(200)}).to_string();
     publisher.publish("big", body.as_bytes()).await?;
@@ -500,7 +472,7 @@ async fn sigterm_stops_accepting_and_keeps_open_relays_until_the_drain_timeout()
     let p = TestProxy::start(&[w.addr()], |c| c.drain_timeout = drain_timeout).await?;
     let mut c = p.client(false).await?;
     c.subscribe("t").await?;
-    prime(&mut publisher, &mut c, "t").await?;
+    publisher.prime(&mut c, "t").await?;
 
     let TestProxy { proxy, shutdown } = p;
     let (addr, shared) = (proxy.ws_addr, proxy.shared.clone());
@@ -516,7 +488,7 @@ async fn sigterm_stops_accepting_and_keeps_open_relays_until_the_drain_timeout()
         .publish("t", br#"{"during":"drain"}"#)
         .await?
         .offset;
-    let m = read_until(&mut c, offset).await?;
+    let m = c.read_until(offset).await?;
     assert_eq!(m["payload"]["during"], "drain");
     assert!(
         sigterm.elapsed() < drain_timeout,

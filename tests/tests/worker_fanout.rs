@@ -9,43 +9,14 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Publishes `topic` messages until `client` sees one (ZeroMQ's slow joiner: the subscription
-/// takes a moment to reach the publisher). Returns the offset of the first one received.
-async fn prime(p: &mut Publisher, c: &mut WsClient, topic: &str) -> Result<u64> {
-    c.read_timeout = Duration::from_millis(100);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        p.publish(topic, br#"{"prime":true}"#).await?;
-        if let Ok(m) = c.recv_json().await {
-            c.read_timeout = Duration::from_secs(10);
-            assert_eq!(m["topic"], topic);
-            return Ok(m["position"]["offset"].as_u64().unwrap());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "subscription never reached the publisher"
-        );
-    }
-}
-
 /// Publishes one message and waits until every client has it: everything published before
 /// has then been dispatched. Returns its offset.
 async fn barrier(p: &mut Publisher, clients: &mut [WsClient], topic: &str) -> Result<u64> {
     let offset = p.publish(topic, br#"{"barrier":true}"#).await?.offset;
     for c in clients.iter_mut() {
-        read_until(c, offset).await?;
+        c.read_until(offset).await?;
     }
     Ok(offset)
-}
-
-/// Reads messages until one with `offset` on `topic` (skipping primes).
-async fn read_until(c: &mut WsClient, offset: u64) -> Result<serde_json::Value> {
-    loop {
-        let m = c.recv_json().await?;
-        if m["type"] == "message" && m["position"]["offset"].as_u64() >= Some(offset) {
-            return Ok(m);
-        }
-    }
 }
 
 #[tokio::test]
@@ -59,7 +30,7 @@ async fn each_message_reaches_each_subscriber_once_in_order() -> Result<()> {
     }
     let mut first = 0;
     for c in clients.iter_mut() {
-        first = first.max(prime(&mut p, c, "match.1").await?);
+        first = first.max(p.prime(c, "match.1").await?);
     }
     // Everything after the last prime arrives once, in order, to everyone.
     let start = p.publish("match.1", br#"{"n":0}"#).await?.offset;
@@ -68,7 +39,7 @@ async fn each_message_reaches_each_subscriber_once_in_order() -> Result<()> {
             .await?;
     }
     for c in clients.iter_mut() {
-        let m = read_until(c, start).await?;
+        let m = c.read_until(start).await?;
         assert_eq!(m["payload"]["n"], 0);
         for n in 1..50u64 {
             let m = c.recv_json().await?;
@@ -100,7 +71,7 @@ async fn one_deflate_per_message_whatever_the_subscriber_count() -> Result<()> {
         c.subscribe("big").await?;
         clients.push(c);
     }
-    prime(&mut p, &mut clients[0], "big").await?;
+    p.prime(&mut clients[0], "big").await?;
     barrier(&mut p, &mut clients, "big").await?;
     let before = w.metric("worker_deflate_operations_total");
     let body = json!({"event": "goal", "text": "a long commentary line ".repeat(20)}).to_string();
@@ -110,7 +81,7 @@ async fn one_deflate_per_message_whatever_the_subscriber_count() -> Result<()> {
     }
     for c in clients.iter_mut() {
         // The client inflated it: the payload round-trips.
-        let m = read_until(c, start).await?;
+        let m = c.read_until(start).await?;
         assert_eq!(m["payload"]["event"], "goal");
         for _ in 1..10 {
             let f = c.recv_frame().await?;
@@ -133,8 +104,8 @@ async fn a_client_that_stops_reading_is_closed_with_4001_and_others_continue() -
     slow.subscribe("t").await?;
     let mut fine = w.client(false).await?;
     fine.subscribe("t").await?;
-    prime(&mut p, &mut slow, "t").await?;
-    prime(&mut p, &mut fine, "t").await?;
+    p.prime(&mut slow, "t").await?;
+    p.prime(&mut fine, "t").await?;
     // `slow` now reads nothing; the kernel buffers fill, then its outbox passes 64 KiB.
     let payload = json!({"blob": "x".repeat(4000)}).to_string();
     let mut sent = 0u64;
@@ -158,7 +129,7 @@ async fn a_client_that_stops_reading_is_closed_with_4001_and_others_continue() -
     // The healthy client still gets new messages.
     let next = p.publish("t", b"{\"after\":true}").await?.offset;
     assert!(next > last);
-    let m = read_until(&mut fine, next).await?;
+    let m = fine.read_until(next).await?;
     assert_eq!(m["payload"]["after"], true);
     // The slow client, reading at last, finds the close code after what was already in flight.
     assert_eq!(slow.expect_close().await?, close::SLOW_CONSUMER);

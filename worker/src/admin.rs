@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use protocol::process::text;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -29,12 +30,12 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
             .body(Full::new(Bytes::from(shared.metrics.render())))
             .expect("valid response"),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else {
-                text(StatusCode::OK, "ready\n".into())
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/history") => history(shared, req.uri().query().unwrap_or("")).await,
@@ -54,21 +55,13 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
         }
         (_, "/metrics" | "/healthz" | "/readyz" | "/drain" | "/history") => text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "use GET for /metrics, /healthz, /readyz, /history and POST for /drain\n".into(),
+            "use GET for /metrics, /healthz, /readyz, /history and POST for /drain\n",
         ),
         (_, path) => text(
             StatusCode::NOT_FOUND,
             format!("no admin endpoint at {path}; try /metrics, /healthz, /readyz, /history, POST /drain\n"),
         ),
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid response")
 }
 
 /// `GET /history?topic=T[&epoch=E&from=N][&limit=L]`: 200 with a history body, 404 when this
@@ -87,21 +80,20 @@ async fn history(shared: &Shared, query: &str) -> Response<Full<Bytes>> {
         reply,
     };
     if shared.hub.send(command).await.is_err() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "worker stopping\n".into());
+        return text(StatusCode::SERVICE_UNAVAILABLE, "worker stopping\n");
     }
     match answer.await {
         Ok(Ok(body)) => Response::builder()
             .header("content-type", protocol::backfill::CONTENT_TYPE)
             .body(Full::new(Bytes::from(body)))
             .expect("valid response"),
-        Ok(Err(SnapshotError::UnknownTopic)) => text(
-            StatusCode::NOT_FOUND,
-            "no history for this topic here\n".into(),
-        ),
+        Ok(Err(SnapshotError::UnknownTopic)) => {
+            text(StatusCode::NOT_FOUND, "no history for this topic here\n")
+        }
         Ok(Err(SnapshotError::OtherEpoch(e))) => text(
             StatusCode::CONFLICT,
             format!("history here is of epoch {e:016x}\n"),
         ),
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "worker stopping\n".into()),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "worker stopping\n"),
     }
 }
