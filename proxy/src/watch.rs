@@ -1,9 +1,8 @@
 //! Watching herald's routing table: a long poll (`GET /v1/table?generation=G&after=V&wait=..`)
 //! that answers as soon as the table changes, so a change reaches this proxy within one report
-//! interval. Every table received goes to the [`Placer`] (except an empty one while the placer
-//! knows workers: a restarted herald trusts nobody for a report or two); when herald is away the
-//! placer keeps the last table (and ages it), and this loop retries with full-jitter exponential
-//! backoff. Herald being away never stops placement.
+//! interval. Every table received goes to the [`Placer`]; when herald is away the placer keeps
+//! the last table (and ages it), and this loop retries with full-jitter exponential backoff.
+//! Herald being away never stops placement.
 
 use crate::place::Placer;
 use bytes::Bytes;
@@ -121,16 +120,7 @@ pub async fn run(
                 status.version.store(version, Ordering::Relaxed);
                 status.generation.store(generation, Ordering::Relaxed);
                 *status.last_table.lock() = Some(now);
-                let mut placer = placer.lock();
-                // A herald that just restarted trusts no worker yet: its empty table must not
-                // replace workers this proxy knows (they are still there; the placer ages
-                // the old table and falls back to local least-connections).
-                let had_workers = placer.table().is_some_and(|(t, _)| !t.workers.is_empty());
-                if table.workers.is_empty() && had_workers {
-                    tracing::debug!(generation, version, "empty table kept out of placement");
-                } else {
-                    placer.update(Arc::new(table), now);
-                }
+                placer.lock().update(Arc::new(table), now);
             }
             Err(e) => {
                 status.failures.fetch_add(1, Ordering::Relaxed);

@@ -125,8 +125,18 @@ impl Placer {
         }
     }
 
-    /// A new table from herald, received at `now`.
+    /// A new table from herald, received at `now`. An empty table never replaces one with
+    /// workers: a herald that just restarted trusts nobody for a report or two, while the
+    /// workers are still there; the old table ages as if herald were away.
     pub fn update(&mut self, table: Arc<RoutingTable>, now: Instant) {
+        if table.workers.is_empty()
+            && self
+                .table
+                .as_ref()
+                .is_some_and(|(t, _)| !t.workers.is_empty())
+        {
+            return;
+        }
         self.known = known::merge(std::mem::take(&mut self.known), &table);
         self.mean_utilisation = known::mean_utilisation(&self.known);
         self.candidates.reserve(self.known.len());

@@ -604,3 +604,20 @@ proptest! {
         }
     }
 }
+
+/// A restarted herald's empty table does not take away the workers this proxy knows.
+#[test]
+fn an_empty_table_does_not_replace_known_workers() {
+    let t0 = Instant::now();
+    let mut p = placer(ten(|_| 0.3, 0.0001), t0);
+    p.update(table(Vec::new()), after(t0, 100));
+    assert_eq!(
+        p.table().map(|(t, at)| (t.workers.len(), at)),
+        Some((10, t0))
+    );
+    assert!(chosen(&mut p, after(t0, 100), &[]).is_some());
+    // Without workers known, an empty table is taken as it is.
+    let mut empty = placer(Vec::new(), t0);
+    empty.update(table(Vec::new()), after(t0, 100));
+    assert_eq!(empty.table().map(|(_, at)| at), Some(after(t0, 100)));
+}
