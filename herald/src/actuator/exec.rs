@@ -17,7 +17,7 @@
 //! success. At the timeout the program is killed (SIGKILL); processes it started are not, so a
 //! script should `exec` its last long-running command.
 
-use super::{Actuator, ActuatorError, Event, Target};
+use super::{ActuatorError, Event, EventSink};
 use futures::future::BoxFuture;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -135,32 +135,11 @@ impl Exec {
     }
 }
 
-impl Actuator for Exec {
-    fn name(&self) -> &'static str {
-        "exec"
-    }
+impl EventSink for Exec {
+    const NAME: &'static str = "exec";
 
-    fn set_desired(&self, desired: u32, reason: &str) -> BoxFuture<'_, Result<(), ActuatorError>> {
-        self.run(Event::set_desired(desired, reason))
-    }
-
-    fn drain_started<'a>(
-        &'a self,
-        target: &'a Target,
-        desired: u32,
-    ) -> BoxFuture<'a, Result<(), ActuatorError>> {
-        self.run(Event::drain_started(target, desired))
-    }
-
-    fn drain_progress<'a>(
-        &'a self,
-        target: &'a Target,
-    ) -> BoxFuture<'a, Result<(), ActuatorError>> {
-        self.run(Event::drain_progress(target))
-    }
-
-    fn drained<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), ActuatorError>> {
-        self.run(Event::drained(target))
+    fn send(&self, event: Event<'_>) -> BoxFuture<'_, Result<(), ActuatorError>> {
+        self.run(event)
     }
 }
 
@@ -230,6 +209,7 @@ fn with_stderr(message: String, stderr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actuator::{Actuator, Target};
     use std::path::PathBuf;
 
     /// How long a test waits for a call that should end well before it.

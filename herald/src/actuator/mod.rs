@@ -58,7 +58,7 @@ pub enum ActuatorError {
 /// One actuator call as the webhook and exec actuators describe it to the outside world: an
 /// event name, the fleet size when it applies, a human reason and the worker when it applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Event<'a> {
+pub struct Event<'a> {
     /// `set_desired`, `drain_started`, `drain_progress` or `drained`; also the `action` of
     /// [`ActuatorError::Failed`].
     pub kind: &'static str,
@@ -110,6 +110,45 @@ impl<'a> Event<'a> {
                 "scale in: the worker has drained (no connections left, or the drain timed out)",
             target: Some(target),
         }
+    }
+}
+
+/// An actuator that tells the outside world of every call as one [`Event`] (webhook, exec):
+/// every such type is an [`Actuator`].
+pub trait EventSink: Send + Sync {
+    /// The actuator's name in logs and metrics.
+    const NAME: &'static str;
+
+    /// Delivers one event; the returned future borrows nothing of the event.
+    fn send(&self, event: Event<'_>) -> BoxFuture<'_, Result<(), ActuatorError>>;
+}
+
+impl<T: EventSink> Actuator for T {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn set_desired(&self, desired: u32, reason: &str) -> BoxFuture<'_, Result<(), ActuatorError>> {
+        self.send(Event::set_desired(desired, reason))
+    }
+
+    fn drain_started<'a>(
+        &'a self,
+        target: &'a Target,
+        desired: u32,
+    ) -> BoxFuture<'a, Result<(), ActuatorError>> {
+        self.send(Event::drain_started(target, desired))
+    }
+
+    fn drain_progress<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> BoxFuture<'a, Result<(), ActuatorError>> {
+        self.send(Event::drain_progress(target))
+    }
+
+    fn drained<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), ActuatorError>> {
+        self.send(Event::drained(target))
     }
 }
 

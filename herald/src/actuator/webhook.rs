@@ -20,7 +20,7 @@
 //! Any 2xx is success. A retried POST may reach the receiver twice, so receivers must be
 //! idempotent, as every actuator is.
 
-use super::{Actuator, ActuatorError, Event, Target};
+use super::{ActuatorError, Event, EventSink, Target};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
@@ -219,32 +219,11 @@ impl Webhook {
     }
 }
 
-impl Actuator for Webhook {
-    fn name(&self) -> &'static str {
-        "webhook"
-    }
+impl EventSink for Webhook {
+    const NAME: &'static str = "webhook";
 
-    fn set_desired(&self, desired: u32, reason: &str) -> BoxFuture<'_, Result<(), ActuatorError>> {
-        self.post(Event::set_desired(desired, reason))
-    }
-
-    fn drain_started<'a>(
-        &'a self,
-        target: &'a Target,
-        desired: u32,
-    ) -> BoxFuture<'a, Result<(), ActuatorError>> {
-        self.post(Event::drain_started(target, desired))
-    }
-
-    fn drain_progress<'a>(
-        &'a self,
-        target: &'a Target,
-    ) -> BoxFuture<'a, Result<(), ActuatorError>> {
-        self.post(Event::drain_progress(target))
-    }
-
-    fn drained<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), ActuatorError>> {
-        self.post(Event::drained(target))
+    fn send(&self, event: Event<'_>) -> BoxFuture<'_, Result<(), ActuatorError>> {
+        self.post(event)
     }
 }
 
@@ -353,6 +332,7 @@ fn full_jitter(ceiling: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actuator::{Actuator, Target};
     use hyper::service::service_fn;
     use hyper::Response;
     use serde_json::{json, Value};
