@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use protocol::load::{LoadReport, MAX_REPORT_BYTES};
-use protocol::process::{respond, text};
+use protocol::process::{metrics_response, respond, text};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -27,11 +27,8 @@ pub const MAX_TABLE_WAIT: Duration = Duration::from_secs(60);
 
 /// Serves the HTTP port until `stop`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let route = move |req| {
-        let shared = shared.clone();
-        async move { route(&shared, req).await }
-    };
-    protocol::process::serve_http(listener, route, stop).await
+    let route = |s: Arc<Shared>, req| async move { route(&s, req).await };
+    protocol::process::serve_http(listener, shared, route, stop).await
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -45,11 +42,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             respond(StatusCode::OK, "application/json", body)
         }
         (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::PAGE),
-        (&Method::GET, "/metrics") => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render().into_bytes(),
-        ),
+        (&Method::GET, "/metrics") => metrics_response(shared.metrics.render()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (_, "/v1/reports" | "/v1/table" | "/v1/status" | "/" | "/metrics" | "/healthz") => text(
             StatusCode::METHOD_NOT_ALLOWED,

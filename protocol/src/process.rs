@@ -60,12 +60,17 @@ where
     }
 }
 
-/// Serves HTTP/1.1 on `listener` until `stop`, answering every request with `route`. A client
-/// gets 10 s to send a request head; an accept error (out of descriptors) pauses accepting
-/// for 50 ms instead of spinning.
-pub async fn serve_http<F, Fut>(listener: TcpListener, route: F, stop: CancellationToken)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+/// Serves HTTP/1.1 on `listener` until `stop`, answering every request with
+/// `route(state, request)`. A client gets 10 s to send a request head; an accept error (out of
+/// descriptors) pauses accepting for 50 ms instead of spinning.
+pub async fn serve_http<S, F, Fut>(
+    listener: TcpListener,
+    state: std::sync::Arc<S>,
+    route: F,
+    stop: CancellationToken,
+) where
+    S: Send + Sync + 'static,
+    F: Fn(std::sync::Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     loop {
@@ -80,11 +85,11 @@ where
             },
             _ = stop.cancelled() => return,
         };
-        let route = route.clone();
+        let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let answer = route(req);
+                let answer = route(state.clone(), req);
                 async move { Ok::<_, Infallible>(answer.await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -177,6 +182,24 @@ pub fn respond(
         .header(hyper::header::CONTENT_TYPE, content_type)
         .body(Full::new(body.into()))
         .expect("valid response")
+}
+
+/// `GET /metrics`: a Prometheus text exposition.
+pub fn metrics_response(exposition: String) -> Response<Full<Bytes>> {
+    respond(
+        hyper::StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        exposition,
+    )
+}
+
+/// `GET /readyz`: 200 `ready`, or 503 `draining` once a server stops taking new clients.
+pub fn readiness(draining: bool) -> Response<Full<Bytes>> {
+    if draining {
+        text(hyper::StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        text(hyper::StatusCode::OK, "ready\n")
+    }
 }
 
 /// A plain-text response.

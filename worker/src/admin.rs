@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use protocol::process::text;
+use protocol::process::{metrics_response, readiness, text};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -17,27 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Serves the admin port until `stop`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let route = move |req| {
-        let shared = shared.clone();
-        async move { route(&shared, req).await }
-    };
-    protocol::process::serve_http(listener, route, stop).await
+    let route = |s: Arc<Shared>, req| async move { route(&s, req).await };
+    protocol::process::serve_http(listener, shared, route, stop).await
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => Response::builder()
-            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-            .body(Full::new(Bytes::from(shared.metrics.render())))
-            .expect("valid response"),
+        (&Method::GET, "/metrics") => metrics_response(shared.metrics.render()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
-            if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
-            }
-        }
+        (&Method::GET, "/readyz") => readiness(shared.draining.load(Ordering::Relaxed)),
         (&Method::GET, "/history") => history(shared, req.uri().query().unwrap_or("")).await,
         (&Method::POST, "/drain") => {
             let already = shared.draining.load(Ordering::Relaxed);
