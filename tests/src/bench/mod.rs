@@ -27,6 +27,59 @@ pub mod scrape;
 pub mod wire;
 pub mod worker_child;
 
+/// Fails unless this process may open enough files for `n` sockets (`what`, e.g. "clients")
+/// plus a margin.
+pub fn ensure_open_files(n: usize, what: &str) -> anyhow::Result<()> {
+    let need = n as u64 + 256;
+    if let Some(limit) = procfs::open_files_limit() {
+        anyhow::ensure!(
+            limit >= need,
+            "open files limit is {limit}, need about {need} for {n} {what}: raise `ulimit -n` \
+             or use fewer {what}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `bench` on a multi-threaded runtime until it ends or Ctrl-C; tasks still holding
+/// sockets are dropped with the runtime.
+pub fn block_on<T>(
+    bench: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = bench => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; worker stopped"),
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
+}
+
+/// Prints what the bench runs on (`name`'s setup line, and a note when the worker shares the
+/// bench's CPUs); returns the clock ticks per second used for CPU figures.
+pub fn print_setup(name: &str, worker: &std::path::Path, worker_cpu: Option<&str>) -> f64 {
+    let clk_tck = procfs::clock_ticks_per_second();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!(
+        "{name}: worker {}, bench CPUs {} ({threads} runtime threads), worker CPUs {}, \
+         CLK_TCK {clk_tck}",
+        worker.display(),
+        procfs::cpus_allowed("self").unwrap_or_else(|| "?".into()),
+        worker_cpu.unwrap_or("inherited"),
+    );
+    if worker_cpu.is_none() {
+        eprintln!(
+            "{name}: note: without --worker-cpu the worker shares the bench's CPUs; results \
+             then mix client and worker load"
+        );
+    }
+    clk_tck
+}
+
 /// How the bench's clients are doing while they connect.
 pub struct Connecting<'a> {
     /// Clients connected so far.

@@ -29,10 +29,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::{Buf, BytesMut};
 use clap::Parser;
 use harness::bench::feed::{per_topic, PubThread};
-use harness::bench::procfs::{
-    clock_ticks_per_second, cpus_allowed, machine_cpus, open_files_limit, proc_cpu_ticks,
-    proc_status_kib, CpuSample, CpuUse,
-};
+use harness::bench::procfs::{machine_cpus, proc_cpu_ticks, proc_status_kib, CpuSample, CpuUse};
 use harness::bench::scrape::{scrape, Scrape};
 use harness::bench::wire::{compressed_header, frame_bounds, message_header, READ_BUF};
 use harness::bench::worker_child::{worker_bin, WorkerChild};
@@ -170,26 +167,8 @@ fn bench_main() -> Result<bool> {
         args.live_rate.is_none_or(|r| r >= 1),
         "--live-rate must be at least 1"
     );
-    let need = args.clients as u64 + 256;
-    if let Some(limit) = open_files_limit() {
-        ensure!(
-            limit >= need,
-            "open files limit is {limit}, need about {need} for {} clients: raise `ulimit -n` or \
-             use fewer clients",
-            args.clients
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let outcome = runtime.block_on(async {
-        tokio::select! {
-            r = run(&args) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted; worker stopped"),
-        }
-    })?;
-    // Client tasks still holding sockets are dropped with the runtime.
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    harness::bench::ensure_open_files(args.clients, "clients")?;
+    let outcome = harness::bench::block_on(run(&args))?;
     print_outcome(&args, &outcome);
     let failures = outcome.failures(&args);
     if failures.is_empty() {
@@ -295,24 +274,10 @@ impl StormMetrics {
 
 async fn run(args: &Args) -> Result<Outcome> {
     let bin = worker_bin(args.worker_bin.as_deref())?;
-    let clk_tck = clock_ticks_per_second();
+    let clk_tck = harness::bench::print_setup("catchup_bench", &bin, args.worker_cpu.as_deref());
     let deflate = !args.plain;
     let label = if deflate { "deflate" } else { "plain" };
     let (n, h) = (args.clients, args.history);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!(
-        "catchup_bench: worker {}, bench CPUs {} ({threads} runtime threads), worker CPUs {}, \
-         CLK_TCK {clk_tck}",
-        bin.display(),
-        cpus_allowed("self").unwrap_or_else(|| "?".into()),
-        args.worker_cpu.as_deref().unwrap_or("inherited"),
-    );
-    if args.worker_cpu.is_none() {
-        eprintln!(
-            "catchup_bench: note: without --worker-cpu the worker shares the bench's CPUs; \
-             results then mix client and worker load"
-        );
-    }
     let topics: Vec<String> = (0..args.topics)
         .map(|i| format!("{TOPIC_PREFIX}{i}"))
         .collect();

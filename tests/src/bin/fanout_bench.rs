@@ -23,10 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::{Buf, BytesMut};
 use clap::{Parser, ValueEnum};
 use harness::bench::feed::PubThread;
-use harness::bench::procfs::{
-    clock_ticks_per_second, cpus_allowed, machine_cpus, open_files_limit, proc_cpu_ticks,
-    proc_status_kib, CpuSample,
-};
+use harness::bench::procfs::{machine_cpus, proc_cpu_ticks, proc_status_kib, CpuSample};
 use harness::bench::scrape::{scrape, Scrape};
 use harness::bench::wire::{compressed_header, frame_bounds, message_header, READ_BUF};
 use harness::bench::worker_child::{worker_bin, WorkerChild};
@@ -140,46 +137,15 @@ fn bench_main() -> Result<()> {
         args.connect_concurrency >= 1,
         "--connect-concurrency must be at least 1"
     );
-    let need = args.subscribers as u64 + 256;
-    if let Some(limit) = open_files_limit() {
-        ensure!(
-            limit >= need,
-            "open files limit is {limit}, need about {need} for {} subscribers: raise `ulimit -n` \
-             or use fewer subscribers",
-            args.subscribers
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        tokio::select! {
-            r = run(args) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted; worker stopped"),
-        }
-    })?;
-    // Subscriber tasks still holding sockets are dropped with the runtime.
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    harness::bench::ensure_open_files(args.subscribers, "subscribers")?;
+    harness::bench::block_on(run(args))?;
     Ok(())
 }
 
 async fn run(args: Args) -> Result<()> {
     let worker_bin = worker_bin(args.worker_bin.as_deref())?;
-    let clk_tck = clock_ticks_per_second();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!(
-        "fanout_bench: worker {}, bench CPUs {} ({threads} runtime threads), worker CPUs {}, \
-         CLK_TCK {clk_tck}",
-        worker_bin.display(),
-        cpus_allowed("self").unwrap_or_else(|| "?".into()),
-        args.worker_cpu.as_deref().unwrap_or("inherited"),
-    );
-    if args.worker_cpu.is_none() {
-        eprintln!(
-            "fanout_bench: note: without --worker-cpu the worker shares the bench's CPUs; \
-             results then mix client and worker load"
-        );
-    }
+    let clk_tck =
+        harness::bench::print_setup("fanout_bench", &worker_bin, args.worker_cpu.as_deref());
     let scenarios: &[bool] = match args.mode {
         Mode::Deflate => &[true],
         Mode::Plain => &[false],
