@@ -117,13 +117,26 @@ pub async fn http_request(
     method: &str,
     path: &str,
 ) -> Result<(u16, String)> {
+    http_request_with_body(addr, method, path, b"").await
+}
+
+/// As [`http_request`], sending `body` as JSON.
+pub async fn http_request_with_body(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
         );
-        s.write_all(req.as_bytes()).await?;
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())

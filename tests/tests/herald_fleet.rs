@@ -7,7 +7,6 @@ use harness::fleet::{KillableWorker, TestHerald};
 use harness::{eventually, TestWorker};
 use protocol::routing::RoutingTable;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const INTERVAL: Duration = Duration::from_millis(200);
 
@@ -24,27 +23,7 @@ async fn table_ids(h: &TestHerald) -> Vec<String> {
 
 /// POSTs `body` to herald's report endpoint; returns (status, body).
 async fn post_report(h: &TestHerald, body: &[u8]) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(h.herald.http_addr).await?;
-    let head = format!(
-        "POST /v1/reports HTTP/1.1\r\nHost: herald\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body).await?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("status")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    harness::http_request_with_body(h.herald.http_addr, "POST", "/v1/reports", body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
