@@ -26,7 +26,26 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let config: C = match layered::parse("config") {
+    main_from(name, std::env::args_os(), log_format, run)
+}
+
+/// As [`main`], from explicit arguments (the first is the program name): how one binary runs
+/// another role's `main` (the local fleet launcher).
+pub fn main_from<C, F, Fut, E, I>(
+    name: &str,
+    args: I,
+    log_format: fn(&C) -> &str,
+    run: F,
+) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+    I: IntoIterator,
+    I::Item: Into<std::ffi::OsString>,
+{
+    let config: C = match layered::parse_from(args, "config") {
         Ok(c) => c,
         Err(LayeredError::Cli(e)) => e.exit(),
         Err(e) => {
@@ -228,7 +247,7 @@ pub fn render_metrics(registry: &prometheus::Registry) -> String {
 /// Logs to stderr as `text` or `json`, at `info` unless `RUST_LOG` says otherwise.
 pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zeromq=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

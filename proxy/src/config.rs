@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long = "worker", env = "PROXY_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
 
+    /// Serve the demo page at `/` and the JavaScript client at `/pushfleet.js` to plain GETs
+    /// on --listen (any other request that is not a WebSocket upgrade still gets HTTP 400).
+    #[arg(long, env = "PROXY_DEMO_PAGE")]
+    pub demo_page: bool,
+
     /// Write {"ws": addr, "admin": addr} to this file once both ports are bound (for
     /// supervisors and tests that bind port 0).
     #[arg(long, env = "PROXY_ANNOUNCE_FILE")]

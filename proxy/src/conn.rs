@@ -1,16 +1,18 @@
 //! One client connection, from accept to close, top to bottom in [`serve`]:
 //! admission → TLS handshake (when configured) → request head → choose, connect and forward
-//! (another worker on failure) → placed → relay → released.
+//! (another worker on failure) → placed → relay → released. With `--demo-page`, a plain GET
+//! for one of the [`crate::pages`] is answered after the request head instead.
 //!
 //! Until the upgrade is relayed, the client is answered by the proxy (see [`Reject`]); after
 //! it, everything the worker says (its 101, or its own refusal) reaches the client untouched.
 
 use crate::admission::Refusal;
 use crate::forward;
+use crate::pages::{self, Page};
 use crate::place::{Choice, Mode};
 use crate::reject::Reject;
 use crate::relay;
-use crate::request::{self, Head};
+use crate::request::{self, Head, HeadError};
 use crate::server::Shared;
 use crate::tls::ClientStream;
 use rand::Rng;
@@ -70,6 +72,15 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: 
     let head = match timeout_at(deadline, reading).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => return, // closed before a whole head: no one to answer
+        Ok(Err(HeadError::NotUpgrade { target })) if cfg.demo_page => {
+            return match pages::find(&target) {
+                Some(page) => answer_page(&mut client, peer, &shared, page).await,
+                None => {
+                    let why = Reject::Head(HeadError::NotUpgrade { target });
+                    reject(&mut client, peer, &shared, why).await
+                }
+            };
+        }
         Ok(Err(e)) => return reject(&mut client, peer, &shared, Reject::Head(e)).await,
         Err(_) => {
             let why = Reject::HandshakeTimeout(cfg.handshake_timeout);
@@ -188,6 +199,19 @@ async fn connect(address: &str, first: &[u8]) -> io::Result<TcpStream> {
     worker.set_nodelay(true)?;
     worker.write_all(first).await?;
     Ok(worker)
+}
+
+/// Answers a plain GET with one of the proxy's own pages and closes, the write bounded by
+/// `--handshake-timeout`.
+async fn answer_page(client: &mut ClientStream, peer: SocketAddr, shared: &Shared, page: &Page) {
+    shared.metrics.pages_served.inc();
+    tracing::debug!(%peer, path = page.path, "page served");
+    let answer = async {
+        client.write_all(&page.response()).await?;
+        client.shutdown().await
+    };
+    let _ = timeout(shared.config.handshake_timeout, answer).await;
+    discard_unread(client.tcp(), shared.config.max_request_bytes);
 }
 
 /// Answers `why` (unless the client is still to do its TLS handshake), counts it and closes.

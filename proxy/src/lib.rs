@@ -6,6 +6,7 @@
 //!                                            1 admission   token bucket + cap → 503 Retry-After
 //!                                            2 tls         handshake, when configured
 //!                                            3 request     bounded head → 431 / 408 / 400
+//!                                                          (--demo-page: a plain GET → page)
 //!                                            4 dial        place::Placer::choose → connect →
 //!                                                          forward (X-Forwarded-* or PROXY v2);
 //!                                                          failed → another worker, then 502
@@ -21,6 +22,7 @@
 //! - [`admission`]: new-connection rate and concurrent-connection cap.
 //! - [`tls`]: TLS toward clients, when configured.
 //! - [`request`]: reading and checking the upgrade request head.
+//! - [`pages`]: the demo page and JavaScript client, served to plain GETs with `--demo-page`.
 //! - [`place`]: which worker takes the connection (pure: `now` and the rng passed in).
 //! - [`forward`]: what the worker is told about the client (headers or PROXY v2).
 //! - [`relay`]: bytes both ways, half-close, idle timeout.
@@ -34,6 +36,7 @@ pub mod config;
 pub mod conn;
 pub mod forward;
 pub mod metrics;
+pub mod pages;
 pub mod place;
 pub mod reject;
 pub mod relay;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     /// Connections placed on a worker, by worker and placement mode.
     pub placements: IntCounterVec,
+    /// Plain GETs answered with one of the proxy's own pages (`--demo-page`).
+    pub pages_served: IntCounter,
     /// Workers tried for a connection after the first (one per retry).
     pub connect_retries: IntCounter,
     /// Failed connections to workers (refused, timed out), by worker.
@@ -139,6 +141,10 @@ impl Metrics {
                 "Client connections open and admitted (in handshake, connecting or relayed)",
             ),
             refused,
+            pages_served: counter(
+                "proxy_pages_served_total",
+                "Plain GETs answered with the proxy's own pages (--demo-page: demo page, JavaScript client)",
+            ),
             placements: counter_vec(
                 "proxy_placements_total",
                 "Connections placed on a worker, by worker and placement mode",

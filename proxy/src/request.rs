@@ -12,10 +12,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Most header fields in a request head; the workers refuse more too.
 pub const MAX_HEADERS: usize = 64;
 
-/// Headers a WebSocket upgrade must carry, as `(name, token its value must list)`; presence is
-/// all the proxy checks for the last two (the worker checks their values).
-const REQUIRED: [(&str, Option<&str>); 4] = [
-    ("Upgrade", Some("websocket")),
+/// Headers a WebSocket upgrade must carry besides `Upgrade: websocket`, as `(name, token its
+/// value must list)`; presence is all the proxy checks for the last two (the worker checks
+/// their values).
+const REQUIRED: [(&str, Option<&str>); 3] = [
     ("Connection", Some("upgrade")),
     ("Sec-WebSocket-Key", None),
     ("Sec-WebSocket-Version", None),
@@ -38,6 +38,13 @@ pub enum HeadError {
     /// Not a GET (400).
     #[error("method {0} is not GET: only WebSocket upgrades are relayed")]
     NotGet(String),
+    /// A GET with no `Upgrade: websocket` at all: a plain request for `target` (400, unless
+    /// it names one of the [`crate::pages`] and `--demo-page` is on).
+    #[error("not a WebSocket upgrade: missing header Upgrade: websocket")]
+    NotUpgrade {
+        /// The request target, as sent.
+        target: String,
+    },
     /// A header the upgrade needs is missing (400).
     #[error("not a WebSocket upgrade: missing header {0}")]
     Missing(String),
@@ -114,6 +121,10 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<Head>, HeadError> {
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
     };
+    if !named("upgrade").any(|h| lists_token(h.value, "websocket")) {
+        let target = req.path.unwrap_or("/").to_string();
+        return Err(HeadError::NotUpgrade { target });
+    }
     for (name, token) in REQUIRED {
         let present = match token {
             Some(token) => named(name).any(|h| lists_token(h.value, token)),
@@ -227,10 +238,14 @@ mod tests {
             Err(HeadError::Missing(what)) => what,
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            missing("GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
-            "Upgrade: websocket"
-        );
+        let plain = parse(b"GET /pushfleet.js?v=2 HTTP/1.1\r\nHost: h\r\n\r\n", 8192);
+        let target = "/pushfleet.js?v=2".to_string();
+        assert_eq!(plain, Err(HeadError::NotUpgrade { target }));
+        let h2c = request("").replace("Upgrade: websocket", "Upgrade: h2c");
+        assert!(matches!(
+            parse(h2c.as_bytes(), 8192),
+            Err(HeadError::NotUpgrade { .. })
+        ));
         let no_connection = request("").replace("keep-alive, Upgrade", "keep-alive");
         assert_eq!(missing(&no_connection), "Connection: upgrade");
         let no_key = request("").replace("Sec-WebSocket-Key", "X-Key");
@@ -252,7 +267,7 @@ mod tests {
             parse(garbage.as_bytes(), 8192),
             Err(HeadError::Malformed(_))
         ));
-        let e = HeadError::Missing("Upgrade: websocket".into());
+        let e = HeadError::NotUpgrade { target: "/".into() };
         assert!(e.to_string().contains("missing header Upgrade: websocket"));
     }
 
