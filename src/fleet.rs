@@ -100,7 +100,13 @@ pub fn main(config: FleetConfig) -> ExitCode {
 
 /// The launcher's own lines, aligned with its children's.
 fn say(text: &str) {
-    eprintln!("{:>10} | {text}", "fleet");
+    log_line("fleet", text);
+}
+
+/// One line on stderr as `name | text`; a closed stderr is ignored (never a panic).
+fn log_line(name: &str, text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{name:>10} | {text}");
 }
 
 /// A process of the fleet and its current incarnation.
@@ -380,13 +386,16 @@ impl Fleet {
     }
 
     /// SIGTERM to every running process, then SIGKILL to what is left after `limit` (or at a
-    /// second signal). True when every process stopped by itself with success.
+    /// second signal). True when every process that was running stopped by itself with
+    /// success.
     async fn stop(&mut self, signals: &mut Signals, limit: Duration) -> bool {
-        for child in &mut self.children {
+        let mut stopping = Vec::new();
+        for (index, child) in self.children.iter_mut().enumerate() {
             child.restart_at = None;
             child.last_status = None;
             if let Some(pid) = child.pid {
                 send_signal(pid, libc::SIGTERM);
+                stopping.push(index);
             }
         }
         let deadline = Instant::now() + limit;
@@ -412,10 +421,9 @@ impl Fleet {
             }
         }
         let clean = !killed
-            && self
-                .children
+            && stopping
                 .iter()
-                .all(|c| c.last_status.is_some_and(|s| s.success()));
+                .all(|&i| self.children[i].last_status.is_some_and(|s| s.success()));
         if clean {
             say("every process stopped cleanly");
         }
@@ -519,7 +527,7 @@ async fn sleep_until(at: Option<Instant>) {
 async fn forward_lines(out: impl AsyncRead + Unpin, name: String) {
     let mut lines = BufReader::new(out).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        eprintln!("{name:>10} | {line}");
+        log_line(&name, &line);
     }
 }
 

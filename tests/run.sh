@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The one command that runs every test of pushfleet on a fresh machine:
-#   1. installs what the tests need (Debian packages: HAProxy; a Python venv with pyzmq and an
-#      EC2 Auto Scaling emulator; Autobahn's Python 2.7 venv; cargo-fuzz),
+#   1. installs what the tests need (Debian packages: HAProxy, Chromium, Node.js; a Python venv
+#      with pyzmq and an EC2 Auto Scaling emulator; Autobahn's Python 2.7 venv; playwright-core
+#      from npm, driving Debian's Chromium; cargo-fuzz),
 #   2. checks formatting and lints,
 #   3. cargo tests (unit, property and integration tests with real sockets),
 #   4. ZeroMQ interop tests against a real libzmq publisher (pyzmq),
 #   5. Autobahn Testsuite conformance of the worker's WebSocket endpoint, directly and through
 #      the proxy (golden per-case results),
-#   6. a bounded run of every fuzz target.
+#   6. the JavaScript client's unit tests and the demo page in headless Chromium against the
+#      local fleet (the launcher of `cargo run --release`), a worker killed under it,
+#   7. a bounded run of every fuzz target.
 # Non-interactive; every step is bounded in time. Ends with "N passed, N failed" (steps).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,10 +36,14 @@ step() {
   fi
 }
 
-# Debian packages the tests run side by side with ours: HAProxy (agent-check interop).
+# Debian packages the tests run side by side with ours: HAProxy (agent-check interop),
+# Chromium and Node.js (the browser test).
 install_debian() {
   local missing=()
   command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -50,7 +57,14 @@ install_python() {
 
 install_autobahn() { bash tests/autobahn/setup.sh; }
 
-build_release() { cargo build --release --locked -p pushfleet-worker -p pushfleet-proxy; }
+# playwright-core only: it drives the Chromium installed above and never downloads a browser.
+install_node() {
+  (cd tests/browser && timeout 300 npm ci --no-audit --no-fund --loglevel=error)
+}
+
+build_release() {
+  cargo build --release --locked -p pushfleet -p pushfleet-worker -p pushfleet-proxy
+}
 
 lint() {
   cargo fmt --all -- --check && cargo clippy --locked --workspace --all-targets -- -D warnings
@@ -103,16 +117,25 @@ autobahn() {
   return $rc
 }
 
+# The client's unit tests (Node's runner, a fake WebSocket), then the demo page in headless
+# Chromium against the local fleet started by the launcher, as `cargo run --release` does.
+browser() {
+  PUSHFLEET_BIN="$repo/target/release/pushfleet" BROWSER_ARTIFACTS="$repo/target/browser" \
+    timeout 600 node --test tests/browser/client.test.mjs tests/browser/demo.test.mjs
+}
+
 fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
 
 step "install: Debian packages" install_debian
 step "install: Python test venv" install_python
 step "install: Autobahn (Python 2.7)" install_autobahn
-step "build: release worker and proxy" build_release
+step "install: browser test (playwright-core)" install_node
+step "build: release launcher, worker and proxy" build_release
 step "lint: rustfmt and clippy" lint
 step "cargo test" cargo_tests
 step "ZeroMQ interop (pyzmq)" interop
 step "Autobahn conformance" autobahn
+step "browser: JavaScript client and demo page (Chromium)" browser
 step "fuzz (bounded)" fuzz
 
 echo

@@ -33,7 +33,8 @@ pub struct Config {
     pub herald: Option<String>,
 
     /// A worker's client address, `host:port` (repeat, or comma-separate in the environment).
-    /// Used until herald has answered once, and always when there is no `--herald`.
+    /// Used until herald's table lists a worker (an empty table never replaces them), and always
+    /// when there is no `--herald`.
     #[arg(long = "worker", env = "PROXY_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
 

@@ -449,6 +449,34 @@ async fn requests_the_proxy_cannot_relay_get_431_or_400_saying_why() -> Result<(
 }
 
 #[tokio::test]
+async fn with_demo_page_plain_gets_of_the_page_and_client_are_answered_and_nothing_else(
+) -> Result<()> {
+    let w = TestWorker::start(|_| {}).await?;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let off = TestProxy::start(&[w.addr()], |_| {}).await?;
+    let (status, _, _) = answer(off.addr(), &get("/")).await?;
+    assert_eq!(status, 400, "no pages without --demo-page");
+
+    let p = TestProxy::start(&[w.addr()], |c| c.demo_page = true).await?;
+    let (status, head, body) = answer(p.addr(), &get("/?matches=5")).await?;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("Content-Type: text/html"), "{head}");
+    assert!(body.contains("/pushfleet.js"), "the page loads the client");
+    let (status, head, body) = answer(p.addr(), &get("/pushfleet.js")).await?;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("Content-Type: text/javascript"), "{head}");
+    assert!(body.contains("export class PushfleetClient"));
+    let (status, _, body) = answer(p.addr(), &get("/../../etc/passwd")).await?;
+    assert_eq!(status, 400, "{body}");
+    // Upgrades are relayed as always.
+    let mut c = p.client(true).await?;
+    c.subscribe("match.1").await?;
+    assert_eq!(p.metric("proxy_pages_served_total"), 2.0);
+    assert_eq!(p.metric("proxy_refused_total{reason=\"bad_request\"}"), 1.0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_slow_request_head_gets_408() -> Result<()> {
     let w = TestWorker::start(|_| {}).await?;
     let p = TestProxy::start(&[w.addr()], |c| {

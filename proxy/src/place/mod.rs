@@ -125,16 +125,12 @@ impl Placer {
         }
     }
 
-    /// A new table from herald, received at `now`. An empty table never replaces one with
-    /// workers: a herald that just restarted trusts nobody for a report or two, while the
-    /// workers are still there; the old table ages as if herald were away.
+    /// A new table from herald, received at `now`. An empty table never replaces known
+    /// workers (from a table or `--worker`): a herald that just started or restarted trusts
+    /// nobody for a report or two, while the workers are there; an old table ages as if
+    /// herald were away, and the static list goes on being used.
     pub fn update(&mut self, table: Arc<RoutingTable>, now: Instant) {
-        if table.workers.is_empty()
-            && self
-                .table
-                .as_ref()
-                .is_some_and(|(t, _)| !t.workers.is_empty())
-        {
+        if table.workers.is_empty() && !self.known.is_empty() {
             return;
         }
         self.known = known::merge(std::mem::take(&mut self.known), &table);

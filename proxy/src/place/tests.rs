@@ -616,6 +616,14 @@ fn an_empty_table_does_not_replace_known_workers() {
         Some((10, t0))
     );
     assert!(chosen(&mut p, after(t0, 100), &[]).is_some());
+    // Nor the static list: a herald that has just started trusts nobody yet.
+    let mut fixed = Placer::new(PlaceSettings {
+        static_workers: vec!["10.0.0.1:80".into()],
+        ..PlaceSettings::default()
+    });
+    fixed.update(table(Vec::new()), t0);
+    assert_eq!(fixed.mode(t0), Mode::Static);
+    assert!(chosen(&mut fixed, t0, &[]).is_some());
     // Without workers known, an empty table is taken as it is.
     let mut empty = placer(Vec::new(), t0);
     empty.update(table(Vec::new()), after(t0, 100));
