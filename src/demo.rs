@@ -41,6 +41,11 @@ pub struct DemoConfig {
     #[arg(long, value_name = "MINUTES", default_value_t = 10)]
     pub pause: u32,
 
+    /// Wait this long after binding before the first kick-off: ZeroMQ PUB drops what it sends
+    /// before a subscriber has joined, and the workers connect to it only once it is bound.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub start_delay: Duration,
+
     /// Seed of the simulation (default: random, a different set of matches each start).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -96,7 +101,8 @@ pub async fn run(config: DemoConfig, shutdown: CancellationToken) -> Result<(), 
         let (home, away) = slot.game.teams();
         tracing::info!(topic = %slot.topic, "{home} v {away}");
     }
-    let mut minute = tokio::time::interval(config.minute);
+    let first = tokio::time::Instant::now() + config.start_delay;
+    let mut minute = tokio::time::interval_at(first, config.minute);
     minute.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut checks = tokio::time::interval(CHECK_TICK);
     checks.set_missed_tick_behavior(MissedTickBehavior::Delay);

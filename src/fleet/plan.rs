@@ -171,25 +171,32 @@ impl Shape<'_> {
         });
         for (id, ws, admin) in &a.workers {
             let file = announce(id);
+            let mut args = strings([
+                "--config",
+                &config("worker.toml"),
+                "--id",
+                id,
+                "--listen",
+                ws,
+                "--admin-listen",
+                admin,
+                "--herald",
+                &herald_url,
+                "--publisher",
+                &a.publisher,
+                "--announce-file",
+                &file,
+            ]);
+            // The other workers are history peers from the first message on: a restarted
+            // worker fills each topic's history from them before herald's first reply (which
+            // names the same peers) could.
+            for (_, _, peer) in a.workers.iter().filter(|(other, _, _)| other != id) {
+                args.extend(strings(["--peer", peer]));
+            }
             out.push(Process {
                 name: id.clone(),
                 role: Role::Worker,
-                args: strings([
-                    "--config",
-                    &config("worker.toml"),
-                    "--id",
-                    id,
-                    "--listen",
-                    ws,
-                    "--admin-listen",
-                    admin,
-                    "--herald",
-                    &herald_url,
-                    "--publisher",
-                    &a.publisher,
-                    "--announce-file",
-                    &file,
-                ]),
+                args,
                 announce_file: Some(file),
             });
         }
@@ -292,6 +299,7 @@ mod tests {
             w2.announce_file.as_deref(),
             Some("/run/fleet/worker-2.json")
         );
+        assert_eq!(flag(w2, "--peer"), ["127.0.0.1:9091", "127.0.0.1:9093"]);
         assert_eq!(flag(&processes[0], "--min-workers"), ["3"]);
     }
 
