@@ -28,6 +28,21 @@ impl TestHerald {
         Ok(TestHerald { herald, shutdown })
     }
 
+    /// Herald expecting reports every `interval` and judging workers by connection slots
+    /// only (CPU, loop lag and latency left out), so a test's load is the only load it sees,
+    /// whatever else the machine is doing; no slow start.
+    pub async fn start_slots_only(interval: Duration) -> Result<TestHerald> {
+        TestHerald::start(|c| {
+            c.report_interval = interval;
+            c.slow_start = Duration::ZERO;
+            c.smoothing = Duration::from_millis(100);
+            c.capacity_cpu = 0.0;
+            c.capacity_loop_lag = Duration::ZERO;
+            c.capacity_latency = Duration::ZERO;
+        })
+        .await
+    }
+
     /// `http://addr` for workers' `--herald`.
     pub fn url(&self) -> String {
         format!("http://{}", self.herald.http_addr)

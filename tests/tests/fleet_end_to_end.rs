@@ -53,7 +53,7 @@ const FINISH: Duration = Duration::from_secs(40);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_through_the_proxy_survive_a_killed_worker_without_loss() -> Result<()> {
     let started = Instant::now();
-    let herald = TestHerald::start(herald_config).await?;
+    let herald = TestHerald::start_slots_only(REPORT_INTERVAL).await?;
     let mut publisher = Publisher::bind().await?;
     let mut workers = start_workers(&herald, &publisher.endpoint)?;
     until_workers_hear(&mut publisher, &workers).await?;
@@ -135,17 +135,6 @@ async fn clients_through_the_proxy_survive_a_killed_worker_without_loss() -> Res
         started.elapsed()
     );
     Ok(())
-}
-
-/// Herald judging workers by connection slots only (CPU, loop lag and latency left out), so
-/// the test's load is the only load it sees, whatever else the machine is doing.
-fn herald_config(c: &mut herald::Config) {
-    c.report_interval = REPORT_INTERVAL;
-    c.slow_start = Duration::ZERO;
-    c.smoothing = Duration::from_millis(100);
-    c.capacity_cpu = 0.0;
-    c.capacity_loop_lag = Duration::ZERO;
-    c.capacity_latency = Duration::ZERO;
 }
 
 /// Three workers reporting to `herald`, subscribed to `publisher`, keeping history of `match.*`.

@@ -11,17 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 const INTERVAL: Duration = Duration::from_millis(200);
 
-/// Herald judging workers by connection slots only (CPU, loop lag and latency left out), so
-/// the test's load is the only load it sees, whatever else the machine is doing.
-fn herald_config(c: &mut herald::Config) {
-    c.report_interval = INTERVAL;
-    c.slow_start = Duration::ZERO;
-    c.smoothing = Duration::from_millis(100);
-    c.capacity_cpu = 0.0;
-    c.capacity_loop_lag = Duration::ZERO;
-    c.capacity_latency = Duration::ZERO;
-}
-
 async fn start_proxy(herald_url: &str) -> Result<(proxy::Proxy, CancellationToken)> {
     let mut config = proxy::Config::for_tests();
     config.herald = Some(herald_url.to_string());
@@ -50,7 +39,7 @@ fn proxy_knows(p: &proxy::Proxy, n: usize) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_follow_load_and_survive_herald_and_worker_loss() -> Result<()> {
-    let h = TestHerald::start(herald_config).await?;
+    let h = TestHerald::start_slots_only(INTERVAL).await?;
     let url = h.url();
     // Worker "hot" has 20 connection slots and gets 10 clients directly: utilisation ≈ 0.53.
     let mut hot = KillableWorker::start("hot", &url, INTERVAL, |c| c.max_connections = 20)?;
