@@ -10,7 +10,8 @@
 #      the proxy (golden per-case results),
 #   6. the JavaScript client's unit tests and the demo page in headless Chromium against the
 #      local fleet (the launcher of `cargo run --release`), a worker killed under it,
-#   7. a bounded run of every fuzz target.
+#   7. the operator's files: systemd units verified, the CloudFormation template linted,
+#   8. a bounded run of every fuzz target.
 # Non-interactive; every step is bounded in time. Ends with "N passed, N failed" (steps).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,6 +45,7 @@ install_debian() {
   command -v chromium >/dev/null || missing+=(chromium)
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
   [ ${#missing[@]} -eq 0 ] && return 0
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -124,6 +126,12 @@ browser() {
     timeout 600 node --test tests/browser/client.test.mjs tests/browser/demo.test.mjs
 }
 
+# What operators deploy: the systemd units (systemd-analyze verify and security, configs
+# against each binary's flags) and the CloudFormation template (cfn-lint from the venv).
+ops_checks() {
+  timeout 300 bash ops/systemd/verify.sh && timeout 300 bash ops/aws/check.sh
+}
+
 fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
 
 step "install: Debian packages" install_debian
@@ -136,6 +144,7 @@ step "cargo test" cargo_tests
 step "ZeroMQ interop (pyzmq)" interop
 step "Autobahn conformance" autobahn
 step "browser: JavaScript client and demo page (Chromium)" browser
+step "ops: systemd units and CloudFormation template" ops_checks
 step "fuzz (bounded)" fuzz
 
 echo
