@@ -201,21 +201,14 @@ async fn connect(address: &str, first: &[u8]) -> io::Result<TcpStream> {
     Ok(worker)
 }
 
-/// Answers a plain GET with one of the proxy's own pages and closes, the write bounded by
-/// `--handshake-timeout`.
+/// Answers a plain GET with one of the proxy's own pages and closes.
 async fn answer_page(client: &mut ClientStream, peer: SocketAddr, shared: &Shared, page: &Page) {
     shared.metrics.pages_served.inc();
     tracing::debug!(%peer, path = page.path, "page served");
-    let answer = async {
-        client.write_all(&page.response()).await?;
-        client.shutdown().await
-    };
-    let _ = timeout(shared.config.handshake_timeout, answer).await;
-    discard_unread(client.tcp(), shared.config.max_request_bytes);
+    answer(client, shared, &page.response()).await;
 }
 
 /// Answers `why` (unless the client is still to do its TLS handshake), counts it and closes.
-/// The write is bounded by `--handshake-timeout`.
 async fn reject(client: &mut ClientStream, peer: SocketAddr, shared: &Shared, why: Reject) {
     shared
         .metrics
@@ -225,12 +218,20 @@ async fn reject(client: &mut ClientStream, peer: SocketAddr, shared: &Shared, wh
     tracing::debug!(%peer, reason = why.label(), "refused");
     let can_answer = shared.tls.is_none() || matches!(client, ClientStream::Tls(_));
     if can_answer {
-        let answer = async {
-            client.write_all(&why.response()).await?;
-            client.shutdown().await
-        };
-        let _ = timeout(shared.config.handshake_timeout, answer).await;
+        answer(client, shared, &why.response()).await;
+    } else {
+        discard_unread(client.tcp(), shared.config.max_request_bytes);
     }
+}
+
+/// Writes the proxy's own whole HTTP `response` and closes, the write bounded by
+/// `--handshake-timeout`.
+async fn answer(client: &mut ClientStream, shared: &Shared, response: &[u8]) {
+    let write = async {
+        client.write_all(response).await?;
+        client.shutdown().await
+    };
+    let _ = timeout(shared.config.handshake_timeout, write).await;
     discard_unread(client.tcp(), shared.config.max_request_bytes);
 }
 

@@ -1,9 +1,10 @@
-//! A local fleet for tests: herald in this process, and workers that can be killed the hard
-//! way. Each [`KillableWorker`] runs on its own Tokio runtime on its own thread; killing it
+//! A local fleet for tests: herald and proxies in this process, and workers that can be killed
+//! the hard way. Each [`KillableWorker`] runs on its own Tokio runtime on its own thread; killing it
 //! shuts that runtime down at once, so its sockets close and its reports stop mid-sentence,
 //! like `kill -9` (no drain, no goodbye).
 
-use anyhow::{Context, Result};
+use crate::WsClient;
+use anyhow::{bail, Context, Result};
 use protocol::routing::RoutingTable;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,6 +59,64 @@ impl TestHerald {
     /// The current value of one of herald's metrics (see [`crate::metric_value`]).
     pub fn metric(&self, name: &str) -> f64 {
         crate::metric_value(&self.herald.metrics.render(), name)
+    }
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    /// The running proxy.
+    pub proxy: proxy::Proxy,
+    /// Cancel to stop it (SIGTERM: it drains).
+    pub shutdown: CancellationToken,
+}
+
+impl TestProxy {
+    /// Starts a proxy on loopback port 0 placing on the static `workers`, after `tweak`.
+    pub async fn start(
+        workers: &[SocketAddr],
+        tweak: impl FnOnce(&mut proxy::Config),
+    ) -> Result<TestProxy> {
+        let mut config = proxy::Config::for_tests();
+        config.workers = workers.iter().map(ToString::to_string).collect();
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let proxy = proxy::start(config, shutdown.clone()).await?;
+        Ok(TestProxy { proxy, shutdown })
+    }
+
+    /// Starts a proxy following the routing table of the herald at `herald_url`.
+    pub async fn following(herald_url: &str) -> Result<TestProxy> {
+        TestProxy::start(&[], |c| c.herald = Some(herald_url.to_string())).await
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.ws_addr
+    }
+
+    /// A metric sample (see [`crate::metric_value`]).
+    pub fn metric(&self, name: &str) -> f64 {
+        crate::metric_value(&self.proxy.shared.render_metrics(), name)
+    }
+
+    /// Whether the table in use has exactly `n` eligible workers.
+    pub fn knows_eligible(&self, n: usize) -> bool {
+        self.proxy
+            .shared
+            .placer
+            .lock()
+            .table()
+            .is_some_and(|(t, _)| t.eligible().count() == n)
+    }
+
+    /// A pushfleet client through the proxy, welcome read.
+    pub async fn client(&self, deflate: bool) -> Result<WsClient> {
+        let mut c = WsClient::connect(self.addr(), "/ws", deflate, &[]).await?;
+        let welcome = c.recv_json().await?;
+        if welcome["type"] != "welcome" {
+            bail!("expected welcome, got {welcome}");
+        }
+        Ok(c)
     }
 }
 

@@ -15,7 +15,7 @@
 //! connection, and they now sit on the survivors.
 
 use anyhow::{bail, ensure, Context, Result};
-use harness::fleet::{KillableWorker, TestHerald};
+use harness::fleet::{KillableWorker, TestHerald, TestProxy};
 use harness::{eventually, Publisher, WsClient};
 use protocol::Position;
 use serde_json::{json, Value};
@@ -24,7 +24,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 const WORKERS: [&str; 3] = ["a", "b", "c"];
 const TOPICS: usize = 4;
@@ -64,9 +63,9 @@ async fn clients_through_the_proxy_survive_a_killed_worker_without_loss() -> Res
             .is_ok_and(|t| t.eligible().count() == WORKERS.len())
     })
     .await?;
-    let (proxy, _proxy_stop) = start_proxy(&herald.url()).await?;
+    let proxy = TestProxy::following(&herald.url()).await?;
     eventually(SETUP, "the proxy has herald's table", || async {
-        proxy_knows(&proxy, WORKERS.len())
+        proxy.knows_eligible(WORKERS.len())
     })
     .await?;
     let epoch = Position {
@@ -84,7 +83,7 @@ async fn clients_through_the_proxy_survive_a_killed_worker_without_loss() -> Res
     let mut clients = JoinSet::new();
     for index in 0..CLIENTS {
         let client = Client::new(index, topic(index % TOPICS), epoch.clone());
-        clients.spawn(client.run(proxy.ws_addr, subscribed_tx.clone()));
+        clients.spawn(client.run(proxy.addr(), subscribed_tx.clone()));
     }
     drop(subscribed_tx);
     let placed = match until_subscribed(&mut subscribed).await {
@@ -122,10 +121,7 @@ async fn clients_through_the_proxy_survive_a_killed_worker_without_loss() -> Res
             .map(|l| (l.index, l.workers.last().cloned().unwrap_or_default()))
             .collect::<Vec<_>>(),
     );
-    let proxy_retries = harness::metric_value(
-        &proxy.shared.render_metrics(),
-        "proxy_connect_retries_total",
-    );
+    let proxy_retries = proxy.metric("proxy_connect_retries_total");
     eprintln!(
         "{CLIENTS} clients on {TOPICS} topics, {MESSAGES} messages per topic ({} delivered), \
          {reconnects} reconnects, {resumes} resumes (all recovered), {refusals} refused connect \
@@ -172,24 +168,6 @@ async fn until_workers_hear(p: &mut Publisher, workers: &[KillableWorker]) -> Re
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The proxy, in this process, following herald's table; it stops when the guard is dropped
-/// (when the test ends, however it ends).
-async fn start_proxy(herald_url: &str) -> Result<(proxy::Proxy, DropGuard)> {
-    let mut config = proxy::Config::for_tests();
-    config.herald = Some(herald_url.to_string());
-    let shutdown = CancellationToken::new();
-    let proxy = proxy::start(config, shutdown.clone()).await?;
-    Ok((proxy, shutdown.drop_guard()))
-}
-
-fn proxy_knows(p: &proxy::Proxy, n: usize) -> bool {
-    p.shared
-        .placer
-        .lock()
-        .table()
-        .is_some_and(|(t, _)| t.eligible().count() == n)
 }
 
 fn topic(i: usize) -> String {

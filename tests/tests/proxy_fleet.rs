@@ -2,21 +2,13 @@
 //! neither herald nor a worker going away fails a client.
 
 use anyhow::{Context, Result};
-use harness::fleet::{KillableWorker, TestHerald};
+use harness::fleet::{KillableWorker, TestHerald, TestProxy};
 use harness::{eventually, WsClient};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const INTERVAL: Duration = Duration::from_millis(200);
-
-async fn start_proxy(herald_url: &str) -> Result<(proxy::Proxy, CancellationToken)> {
-    let mut config = proxy::Config::for_tests();
-    config.herald = Some(herald_url.to_string());
-    let shutdown = CancellationToken::new();
-    Ok((proxy::start(config, shutdown.clone()).await?, shutdown))
-}
 
 /// Connects through the proxy; returns the client and the worker that welcomed it.
 async fn connect(proxy: SocketAddr) -> Result<(WsClient, String)> {
@@ -27,14 +19,6 @@ async fn connect(proxy: SocketAddr) -> Result<(WsClient, String)> {
         .with_context(|| format!("welcome names its worker: {welcome}"))?
         .to_string();
     Ok((c, worker))
-}
-
-fn proxy_knows(p: &proxy::Proxy, n: usize) -> bool {
-    p.shared
-        .placer
-        .lock()
-        .table()
-        .is_some_and(|(t, _)| t.eligible().count() == n)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,11 +47,11 @@ async fn new_connections_follow_load_and_survive_herald_and_worker_loss() -> Res
         },
     )
     .await?;
-    let (p, _stop) = start_proxy(&url).await?;
+    let p = TestProxy::following(&url).await?;
     eventually(
         Duration::from_secs(20),
         "the proxy has herald's table",
-        || async { proxy_knows(&p, 3) },
+        || async { p.knows_eligible(3) },
     )
     .await?;
 
@@ -75,7 +59,7 @@ async fn new_connections_follow_load_and_survive_herald_and_worker_loss() -> Res
     let mut placed: HashMap<String, usize> = HashMap::new();
     let mut clients = Vec::new();
     for i in 0..60 {
-        let (c, worker) = connect(p.ws_addr)
+        let (c, worker) = connect(p.addr())
             .await
             .with_context(|| format!("connection {i}: {placed:?}"))?;
         *placed.entry(worker).or_default() += 1;
@@ -96,7 +80,7 @@ async fn new_connections_follow_load_and_survive_herald_and_worker_loss() -> Res
     // 2. Herald goes away: not one connection fails.
     h.shutdown.cancel();
     for _ in 0..30 {
-        let (c, _) = connect(p.ws_addr)
+        let (c, _) = connect(p.addr())
             .await
             .context("a connection with herald gone")?;
         clients.push(c);
@@ -108,7 +92,7 @@ async fn new_connections_follow_load_and_survive_herald_and_worker_loss() -> Res
     drop(direct);
     let mut after: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
-        let (c, worker) = connect(p.ws_addr)
+        let (c, worker) = connect(p.addr())
             .await
             .context("a connection with two workers dead")?;
         *after.entry(worker).or_default() += 1;

@@ -2,55 +2,18 @@
 //! byte for byte, a stand-in worker that records what reaches it): placement on the static
 //! `--worker` list, relaying, forwarding headers, retries, refusals and the SIGTERM drain.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use harness::client::raw_upgrade;
-use harness::{eventually, metric_value, Publisher, TestWorker, WsClient};
+use harness::fleet::TestProxy;
+use harness::{eventually, metric_value, Publisher, TestWorker};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(15);
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-/// A proxy running in this process.
-struct TestProxy {
-    proxy: proxy::Proxy,
-    shutdown: CancellationToken,
-}
-
-impl TestProxy {
-    /// Starts a proxy on loopback port 0 placing on `workers`, after `tweak`.
-    async fn start(workers: &[SocketAddr], tweak: impl FnOnce(&mut proxy::Config)) -> Result<Self> {
-        let mut config = proxy::Config::for_tests();
-        config.workers = workers.iter().map(ToString::to_string).collect();
-        tweak(&mut config);
-        let shutdown = CancellationToken::new();
-        let proxy = proxy::start(config, shutdown.clone()).await?;
-        Ok(TestProxy { proxy, shutdown })
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.proxy.ws_addr
-    }
-
-    /// A metric sample (prefix match, summed over label sets).
-    fn metric(&self, name: &str) -> f64 {
-        metric_value(&self.proxy.shared.render_metrics(), name)
-    }
-
-    /// A pushfleet client through the proxy, welcome read.
-    async fn client(&self, deflate: bool) -> Result<WsClient> {
-        let mut c = WsClient::connect(self.addr(), "/ws", deflate, &[]).await?;
-        let welcome = c.recv_json().await?;
-        if welcome["type"] != "welcome" {
-            bail!("expected welcome, got {welcome}");
-        }
-        Ok(c)
-    }
-}
 
 fn upgrade_request(extra: &str) -> String {
     format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n")
