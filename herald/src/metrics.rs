@@ -62,7 +62,7 @@ impl Metrics {
                 GaugeVec::new(Opts::new(name, help), labels).expect("valid"),
             )
         };
-        Metrics {
+        let m = Metrics {
             reports: counters(
                 "herald_reports_total",
                 "Load reports received, by result",
@@ -99,8 +99,11 @@ impl Metrics {
             ),
             desired_workers: register(
                 &registry,
-                IntGauge::new("herald_desired_workers", "The fleet size herald wants")
-                    .expect("valid"),
+                IntGauge::new(
+                    "herald_desired_workers",
+                    "The fleet size herald wants (0 until its startup grace has passed)",
+                )
+                .expect("valid"),
             ),
             decisions: counters(
                 "herald_decisions_total",
@@ -131,7 +134,24 @@ impl Metrics {
                 &["answer"],
             ),
             registry,
+        };
+        // Every known label value exists at 0 from the start, so a rate sees the first
+        // increment and every dashboard panel and alert has a series to evaluate.
+        protocol::process::preset(&m.reports, &["accepted", "refused"]);
+        protocol::process::preset(
+            &m.agent_answers,
+            &["weight", "drain", "unknown", "bad_request", "refused"],
+        );
+        for action in ["scale_out", "scale_in", "expired", "drained"] {
+            m.decisions
+                .with_label_values(&[action, crate::server::reason_label(action)]);
         }
+        for action in ["set_desired", "drain_started", "drain_progress", "drained"] {
+            for result in ["ok", "failed"] {
+                m.actuator_calls.with_label_values(&[action, result]);
+            }
+        }
+        m
     }
 
     /// Forgets a worker's per-worker series (after it expired).

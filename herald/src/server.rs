@@ -297,7 +297,7 @@ async fn tick_loop(
 }
 
 /// A small, fixed set of reason labels per action (reasons themselves are free text).
-fn reason_label(action: &str) -> &'static str {
+pub(crate) fn reason_label(action: &str) -> &'static str {
     match action {
         "scale_out" => "utilisation_above_target",
         "scale_in" => "utilisation_below_target",

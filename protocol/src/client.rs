@@ -17,7 +17,8 @@ pub const SUBPROTOCOL: &str = "pushfleet.v1";
 pub mod close {
     /// Normal closure.
     pub const NORMAL: u16 = 1000;
-    /// The worker is shutting down; reconnect (to another worker) after a jittered backoff.
+    /// Going away. Workers do not send it (a stopping worker drains with 1012); clients
+    /// reconnect after a jittered backoff when something in between sends it.
     pub const GOING_AWAY: u16 = 1001;
     /// A frame broke RFC 6455 (bad opcode, unmasked, reserved bits, bad control frame...).
     pub const PROTOCOL_ERROR: u16 = 1002;
@@ -31,7 +32,8 @@ pub mod close {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The worker failed internally.
     pub const INTERNAL_ERROR: u16 = 1011;
-    /// The worker is draining (scale-in, rollout); reconnect soon, you will land elsewhere.
+    /// The worker is draining (herald's scale-in, or SIGTERM: a stop, a rollout, an instance
+    /// leaving its group); reconnect soon, you will land elsewhere.
     pub const SERVICE_RESTART: u16 = 1012;
     /// The client did not read fast enough: its outbound queue passed the configured bound.
     pub const SLOW_CONSUMER: u16 = 4001;

@@ -234,6 +234,14 @@ pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<(
     std::fs::rename(&tmp, path)
 }
 
+/// Creates the series for each label value at 0, so they are scraped before the first event:
+/// a rate then sees the first increment, and dashboards and alerts always have a series.
+pub fn preset(counter: &prometheus::IntCounterVec, values: &[&str]) {
+    for value in values {
+        counter.with_label_values(&[value]);
+    }
+}
+
 /// The Prometheus text exposition of every metric in `registry`.
 pub fn render_metrics(registry: &prometheus::Registry) -> String {
     use prometheus::Encoder;

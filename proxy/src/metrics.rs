@@ -119,18 +119,28 @@ impl Metrics {
             "Client connections refused, by reason (rate, connections, tls_handshake, bad_request, request_too_large, handshake_timeout, no_worker, upstream_failed)",
             &["reason"],
         );
-        for reason in [
-            "rate",
-            "connections",
-            "tls_handshake",
-            "bad_request",
-            "request_too_large",
-            "handshake_timeout",
-            "no_worker",
-            "upstream_failed",
-        ] {
-            refused.with_label_values(&[reason]);
-        }
+        protocol::process::preset(
+            &refused,
+            &[
+                "rate",
+                "connections",
+                "tls_handshake",
+                "bad_request",
+                "request_too_large",
+                "handshake_timeout",
+                "no_worker",
+                "upstream_failed",
+            ],
+        );
+        let relays_ended = counter_vec(
+            "proxy_relays_ended_total",
+            "Relayed connections ended, by how (closed, failed, idle_timeout, drain_timeout)",
+            &["end"],
+        );
+        protocol::process::preset(
+            &relays_ended,
+            &["closed", "failed", "idle_timeout", "drain_timeout"],
+        );
         Metrics {
             accepted: counter(
                 "proxy_connections_accepted_total",
@@ -163,11 +173,7 @@ impl Metrics {
                 to_worker: relay_bytes.with_label_values(&["to_worker"]),
                 to_client: relay_bytes.with_label_values(&["to_client"]),
             },
-            relays_ended: counter_vec(
-                "proxy_relays_ended_total",
-                "Relayed connections ended, by how (closed, failed, idle_timeout, drain_timeout)",
-                &["end"],
-            ),
+            relays_ended,
             choice_seconds,
             herald_failures: counter(
                 "proxy_herald_failures_total",

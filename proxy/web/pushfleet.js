@@ -98,7 +98,7 @@ export function fullJitterDelay(attempt, baseMs, capMs, random = Math.random) {
  *   forbidden, token expired) — never retry with the same credentials.
  * - `'soon'`: 1012, the worker is draining; reconnect after a short jitter and land on
  *   another worker.
- * - `'backoff'`: everything else (1000 we did not ask for, 1001 worker shutting down, 1006
+ * - `'backoff'`: everything else (1000 we did not ask for, 1001 going away, 1006
  *   connection lost or never opened, 1011, 4001 slow consumer, 4002 idle, 4003 no pong, …).
  *
  * @param {number} code a WebSocket close code

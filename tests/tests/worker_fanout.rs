@@ -180,11 +180,11 @@ async fn drain_closes_clients_with_1012_in_staggered_batches() -> Result<()> {
 }
 
 #[tokio::test]
-async fn shutdown_closes_clients_with_1001_and_stops() -> Result<()> {
+async fn shutdown_closes_clients_with_1012_and_stops() -> Result<()> {
     let w = TestWorker::start(|_| {}).await?;
     let mut c = w.client(false).await?;
     w.shutdown.cancel();
-    assert_eq!(c.expect_close().await?, close::GOING_AWAY);
+    assert_eq!(c.expect_close().await?, close::SERVICE_RESTART);
     tokio::time::timeout(WAIT, w.worker.wait()).await?;
     Ok(())
 }

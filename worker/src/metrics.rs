@@ -135,7 +135,7 @@ impl Metrics {
         registry
             .register(Box::new(publish_to_socket.clone()))
             .expect("unique");
-        Metrics {
+        let m = Metrics {
             upstream_messages: counter_vec(
                 "worker_upstream_messages_total",
                 "Messages received from each publisher endpoint",
@@ -303,7 +303,28 @@ impl Metrics {
                 "Messages replayed to clients from history",
             ),
             registry,
+        };
+        // Every known label value exists at 0 from the start, so a rate sees the first
+        // increment and every dashboard panel and alert has a series to evaluate.
+        let known: [(&IntCounterVec, &[&str]); 6] = [
+            (&m.dropped, &["slow_consumer", "closing"]),
+            (
+                &m.stream_events,
+                &["duplicate", "stale_epoch", "gap", "lost", "reset", "filled"],
+            ),
+            (&m.stream_repairs, &["ok", "failed"]),
+            (
+                &m.history_evicted,
+                &["messages", "bytes", "age", "memory_cap"],
+            ),
+            (&m.peer_fetches, &["ok", "not_found", "error", "timeout"]),
+            (&m.peer_served, &["ok", "unknown_topic", "other_epoch"]),
+        ];
+        for (counter, values) in known {
+            protocol::process::preset(counter, values);
         }
+        protocol::process::preset(&m.handshake_failures, crate::ws::handshake::Refusal::LABELS);
+        m
     }
 
     /// The Prometheus text exposition of every metric.

@@ -238,17 +238,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     let lifecycle = tokio::spawn({
         let shared = shared.clone();
         async move {
-            let code = tokio::select! {
-                _ = shutdown.cancelled() => close::GOING_AWAY,
-                _ = shared.drain_requested.cancelled() => close::SERVICE_RESTART,
+            // SIGTERM (a stop, a rollout, an instance leaving its group) and herald's drain
+            // both mean the service goes on elsewhere: clients get 1012 and reconnect soon.
+            let asked_by_herald = tokio::select! {
+                _ = shutdown.cancelled() => false,
+                _ = shared.drain_requested.cancelled() => true,
             };
             shared.draining.store(true, Ordering::Relaxed);
             shared.metrics.draining.set(1);
             stop_accepting.cancel();
             let cfg = &shared.config;
             let plan = drain::Plan::new(cfg.drain_rate, cfg.drain_batch);
-            drain::drain(&shared, code, plan, cfg.drain_timeout).await;
-            if code == close::SERVICE_RESTART {
+            drain::drain(&shared, close::SERVICE_RESTART, plan, cfg.drain_timeout).await;
+            if asked_by_herald {
                 tracing::info!("drained; waiting for shutdown");
                 shutdown.cancelled().await;
             }

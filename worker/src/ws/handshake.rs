@@ -52,6 +52,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every value [`Refusal::label`] returns.
+    pub const LABELS: &'static [&'static str] = &[
+        "too_large",
+        "malformed",
+        "not_get",
+        "not_websocket",
+        "bad_version",
+        "bad_key",
+        "not_found",
+        "unsupported_subprotocol",
+        "timeout",
+        "unavailable",
+    ];
+
     /// Label for the `worker_handshake_failures_total{reason}` metric.
     pub fn label(&self) -> &'static str {
         match self {
@@ -296,6 +310,24 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "GET /ws?token=abc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: foo, pushfleet.v1\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nOrigin: https://app.example\r\n\r\n";
+
+    #[test]
+    fn every_refusal_label_is_listed_once() {
+        let all = [
+            Refusal::TooLarge(1),
+            Refusal::Malformed(String::new()),
+            Refusal::NotGet,
+            Refusal::NotWebSocket,
+            Refusal::BadVersion,
+            Refusal::BadKey,
+            Refusal::NotFound(String::new()),
+            Refusal::UnsupportedSubprotocol(String::new()),
+            Refusal::Timeout,
+            Refusal::Unavailable("full"),
+        ];
+        let labels: Vec<&str> = all.iter().map(Refusal::label).collect();
+        assert_eq!(labels, Refusal::LABELS);
+    }
 
     #[test]
     fn parses_a_browser_request() {
