@@ -11,6 +11,9 @@
 #   6. the JavaScript client's unit tests and the demo page in headless Chromium against the
 #      local fleet (the launcher of `cargo run --release`), a worker killed under it,
 #   7. the operator's files: systemd units verified, the CloudFormation template linted,
+#      Prometheus configs and rules checked and unit-tested (promtool), the Grafana dashboards
+#      matching their generator; then a real Prometheus scraping the local fleet under
+#      traffic, where every dashboard query, variable and rule must return data,
 #   8. a bounded run of every fuzz target.
 # Non-interactive; every step is bounded in time. Ends with "N passed, N failed" (steps).
 set -uo pipefail
@@ -38,7 +41,7 @@ step() {
 }
 
 # Debian packages the tests run side by side with ours: HAProxy (agent-check interop),
-# Chromium and Node.js (the browser test).
+# Chromium and Node.js (the browser test), Prometheus and promtool (the ops checks).
 install_debian() {
   local missing=()
   command -v haproxy >/dev/null || missing+=(haproxy)
@@ -46,6 +49,7 @@ install_debian() {
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v promtool >/dev/null || missing+=(prometheus)
   [ ${#missing[@]} -eq 0 ] && return 0
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -127,9 +131,19 @@ browser() {
 }
 
 # What operators deploy: the systemd units (systemd-analyze verify and security, configs
-# against each binary's flags) and the CloudFormation template (cfn-lint from the venv).
+# against each binary's flags), the CloudFormation template (cfn-lint from the venv), the
+# Prometheus configs and rules (promtool check, promtool test rules), and the Grafana JSON
+# against its generator.
 ops_checks() {
-  timeout 300 bash ops/systemd/verify.sh && timeout 300 bash ops/aws/check.sh
+  timeout 300 bash ops/systemd/verify.sh && timeout 300 bash ops/aws/check.sh &&
+    timeout 300 bash ops/prometheus/check.sh && python3 ops/grafana/dashboards.py --check
+}
+
+# A real Prometheus scrapes the local fleet (the release launcher) under WebSocket traffic;
+# every dashboard panel query, variable and recording rule must return data, and no alert
+# may fire on the healthy fleet.
+ops_live() {
+  PUSHFLEET_BIN="$repo/target/release/pushfleet" timeout 600 "$repo/.venv/bin/pytest" tests/ops -q
 }
 
 fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
@@ -144,7 +158,8 @@ step "cargo test" cargo_tests
 step "ZeroMQ interop (pyzmq)" interop
 step "Autobahn conformance" autobahn
 step "browser: JavaScript client and demo page (Chromium)" browser
-step "ops: systemd units and CloudFormation template" ops_checks
+step "ops: systemd, CloudFormation, Prometheus rules, Grafana dashboards" ops_checks
+step "ops: Prometheus scraping the local fleet, every dashboard query" ops_live
 step "fuzz (bounded)" fuzz
 
 echo
