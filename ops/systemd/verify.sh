@@ -12,7 +12,7 @@
 #   3. Every key of worker.toml, proxy.toml and herald.toml, commented-out examples included,
 #      is a long flag of that binary, read from <crate>/src/config.rs (no build needed).
 #   4. Limits that must agree between a unit and its config: max_connections against
-#      LimitNOFILE, drain_timeout against TimeoutStopSec, a full drain within drain_timeout.
+#      LimitNOFILE, unready_grace + drain_timeout against TimeoutStopSec, a full drain within drain_timeout.
 #
 # Usage: ops/systemd/verify.sh     (MAX_EXPOSURE=3.0 ops/systemd/verify.sh to relax)
 # Exits non-zero on any problem; every systemd-analyze call is bounded by a timeout.
@@ -238,10 +238,11 @@ p_nofile=$(unit_value "$p_unit" LimitNOFILE)
 p_stop=$(seconds "$(unit_value "$p_unit" TimeoutStopSec)")
 p_max=$(toml_value "$p_toml" max_connections 9500)
 p_drain=$(seconds "$(toml_value "$p_toml" drain_timeout 60s)")
+p_grace=$(seconds "$(toml_value "$p_toml" unready_grace 0s)")
 check "proxy: 2 x max_connections $p_max <= 90% of LimitNOFILE $p_nofile (two sockets each)" \
     '2 * max <= 0.9 * nofile' max="$p_max" nofile="$p_nofile"
-check "proxy: TimeoutStopSec ${p_stop}s > drain_timeout ${p_drain}s + 1s + 10s" \
-    'stop > drain + 11' stop="$p_stop" drain="$p_drain"
+check "proxy: TimeoutStopSec ${p_stop}s > unready_grace ${p_grace}s + drain_timeout ${p_drain}s + 1s + 10s" \
+    'stop > grace + drain + 11' stop="$p_stop" grace="$p_grace" drain="$p_drain"
 h_nofile=$(unit_value "$here/pushfleet-herald.service" LimitNOFILE)
 h_agents=$(toml_value "$here/herald.toml" agent_max_connections 1024)
 check "herald: agent_max_connections $h_agents well below LimitNOFILE $h_nofile" \

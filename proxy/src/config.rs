@@ -102,8 +102,15 @@ pub struct Config {
     #[arg(long, env = "PROXY_RETRY_AFTER_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
     pub retry_after_max: Duration,
 
-    /// On SIGTERM the proxy stops accepting at once and keeps relaying open connections for at
-    /// most this long (their clients or workers usually end them first); then it closes the rest.
+    /// On SIGTERM, `/readyz` fails at once but the proxy goes on accepting for this long, so a
+    /// load balancer that checks `/readyz` takes it out before any client is refused. Set it
+    /// above the balancer's check interval × unhealthy threshold; 0 drains at once.
+    #[arg(long, env = "PROXY_UNREADY_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub unready_grace: Duration,
+
+    /// After the unready grace, the proxy stops accepting and keeps relaying open connections
+    /// for at most this long (their clients or workers usually end them first); then it closes
+    /// the rest.
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 

@@ -1,6 +1,7 @@
 //! Starting and stopping a proxy: bind the ports, follow herald's routing table (when
-//! configured), accept clients, and run the lifecycle: serve → drain (SIGTERM: stop accepting,
-//! keep relaying up to `--drain-timeout`) → close what is left → stop.
+//! configured), accept clients, and run the lifecycle: serve → unready (SIGTERM: `/readyz` fails,
+//! still accepting for `--unready-grace`) → drain (stop accepting, keep relaying up to
+//! `--drain-timeout`) → close what is left → stop.
 
 use crate::admission::Admission;
 use crate::config::Config;
@@ -194,6 +195,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Proxy,
             shutdown.cancelled().await;
             shared.draining.store(true, Ordering::Relaxed);
             shared.metrics.draining.set(1);
+            let grace = shared.config.unready_grace;
+            if !grace.is_zero() {
+                tracing::info!(
+                    ?grace,
+                    "unready: /readyz fails, still accepting while load balancers take this proxy out"
+                );
+                tokio::time::sleep(grace).await;
+            }
             stop_accepting.cancel();
             connections.close();
             let drain_timeout = shared.config.drain_timeout;

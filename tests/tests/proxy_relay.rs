@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use harness::client::raw_upgrade;
 use harness::fleet::TestProxy;
-use harness::{eventually, metric_value, Publisher, TestWorker};
+use harness::{eventually, http_request, metric_value, Publisher, TestWorker};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -453,6 +453,40 @@ async fn a_slow_request_head_gets_408() -> Result<()> {
         p.metric("proxy_refused_total{reason=\"handshake_timeout\"}"),
         1.0
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_fails_readyz_at_once_and_accepts_through_the_unready_grace() -> Result<()> {
+    let w = TestWorker::start(|_| {}).await?;
+    let grace = Duration::from_millis(1500);
+    let p = TestProxy::start(&[w.addr()], |c| {
+        c.unready_grace = grace;
+        c.drain_timeout = Duration::from_millis(200);
+    })
+    .await?;
+    let admin = p.proxy.admin_addr;
+    assert_eq!(http_request(admin, "GET", "/readyz").await?.0, 200);
+    let sigterm = Instant::now();
+    p.shutdown.cancel();
+    eventually(WAIT, "/readyz failing", || async move {
+        http_request(admin, "GET", "/readyz")
+            .await
+            .is_ok_and(|r| r.0 == 503)
+    })
+    .await?;
+    // Load balancers have not noticed yet: a client arriving now is still relayed.
+    let mut c = p.client(false).await?;
+    c.subscribe("t").await?;
+    assert!(sigterm.elapsed() < grace, "checked within the grace");
+    let addr = p.addr();
+    eventually(
+        WAIT,
+        "new connections refused after the grace",
+        || async move { TcpStream::connect(addr).await.is_err() },
+    )
+    .await?;
+    assert!(sigterm.elapsed() >= grace, "refused before the grace ended");
     Ok(())
 }
 
