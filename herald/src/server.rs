@@ -129,11 +129,18 @@ pub async fn build_actuator(config: &Config) -> Result<Arc<dyn Actuator>, Herald
                 region: config.aws_region.clone(),
                 endpoint_url: config.aws_endpoint_url.clone(),
             };
-            Arc::new(
-                actuator::aws::Aws::connect(settings)
-                    .await
-                    .map_err(|e| HeraldError::Actuator("aws", e.to_string()))?,
-            )
+            let aws = actuator::aws::Aws::connect(settings)
+                .await
+                .map_err(|e| HeraldError::Actuator("aws", e.to_string()))?;
+            let want = actuator::aws::Expectations {
+                min_workers: config.min_workers,
+                max_workers: config.max_workers,
+                drain_heartbeat: config.drain_heartbeat,
+            };
+            aws.check_group(&want)
+                .await
+                .map_err(|e| HeraldError::Actuator("aws", e.to_string()))?;
+            Arc::new(aws)
         }
     })
 }

@@ -6,7 +6,7 @@ use aws_config::{BehaviorVersion, ConfigLoader, Region};
 use aws_sdk_autoscaling::config::Credentials;
 use aws_sdk_autoscaling::types::AutoScalingGroup;
 use aws_sdk_autoscaling::Client;
-use herald::actuator::aws::{Aws, AwsSettings};
+use herald::actuator::aws::{Aws, AwsSettings, Expectations};
 use herald::actuator::{Actuator, ActuatorError, Target};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -165,6 +165,85 @@ fn target(instance_id: Option<&str>) -> Target {
         worker_id: "w-1".into(),
         instance_id: instance_id.map(String::from),
     }
+}
+
+#[tokio::test]
+async fn the_group_check_names_a_missing_hook_and_bounds_outside_the_group() {
+    let moto = Moto::start().await;
+    let client = moto.client().await;
+    client
+        .create_launch_configuration()
+        .launch_configuration_name("pushfleet-worker")
+        .image_id("ami-12c6146b")
+        .instance_type("t3.micro")
+        .send()
+        .await
+        .expect("launch configuration created");
+    create_group(&client, GROUP, 0).await;
+    client
+        .put_lifecycle_hook()
+        .auto_scaling_group_name(GROUP)
+        .lifecycle_hook_name("pushfleet-drain")
+        .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
+        .heartbeat_timeout(900)
+        .default_result("CONTINUE")
+        .send()
+        .await
+        .expect("hook created");
+    let with_hook = |hook: &str| {
+        let settings = AwsSettings {
+            group: GROUP.into(),
+            lifecycle_hook: Some(hook.into()),
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(moto.endpoint.clone()),
+        };
+        Aws::connect_with(Moto::loader(), settings)
+    };
+    let want = |max_workers| Expectations {
+        min_workers: 1,
+        max_workers,
+        drain_heartbeat: Duration::from_secs(60),
+    };
+    let aws = with_hook("pushfleet-drain").await.expect("valid settings");
+    aws.check_group(&want(10)).await.expect("the group agrees");
+
+    let error = aws.check_group(&want(11)).await.unwrap_err().to_string();
+    assert!(
+        error.contains("max_workers 11 is above the group's MaxSize 10"),
+        "{error}"
+    );
+
+    let misnamed = with_hook("pushfleet-drian").await.expect("valid settings");
+    let error = misnamed
+        .check_group(&want(10))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("no lifecycle hook \"pushfleet-drian\""),
+        "{error}"
+    );
+
+    let nowhere = Aws::connect_with(
+        Moto::loader(),
+        AwsSettings {
+            group: "no-such-group".into(),
+            lifecycle_hook: None,
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(moto.endpoint.clone()),
+        },
+    )
+    .await
+    .expect("valid settings");
+    let error = nowhere
+        .check_group(&want(10))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("Auto Scaling group no-such-group not found"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -23,6 +23,12 @@
 //! terminated it) `drained` terminates it and fails, so that the repeated call completes the
 //! hook. Any other error fails the call with the service's error code and message.
 //!
+//! At start, [`Aws::check_group`] compares herald's settings with the group: herald's bounds
+//! must lie within MinSize..MaxSize (the service refuses a terminate-with-decrement below
+//! MinSize and a desired capacity above MaxSize, which would leave a drained worker up and
+//! empty), and the hook, when named, must exist for terminations with a heartbeat timeout
+//! above herald's heartbeat interval (a misnamed hook would let the instance go mid-drain).
+//!
 //! Credentials come from the default chain (environment, profile, web identity, ECS, EC2
 //! instance metadata); the region and endpoint may be overridden.
 
@@ -81,6 +87,76 @@ pub enum AwsSettingsError {
     /// Neither the settings nor the environment name a region.
     #[error("aws: no region; set one in the settings, AWS_REGION or the AWS profile")]
     NoRegion,
+}
+
+/// Herald's settings that the group must agree with (see [`Aws::check_group`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expectations {
+    /// Herald's `min_workers`: the group's MinSize must not be above it.
+    pub min_workers: u32,
+    /// Herald's `max_workers`: the group's MaxSize must not be below it.
+    pub max_workers: u32,
+    /// Herald's `drain_heartbeat`: the hook's heartbeat timeout must be longer.
+    pub drain_heartbeat: Duration,
+}
+
+/// What the service says about the group and its hook, as far as [`disagreements`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupFacts {
+    /// The group's MinSize.
+    pub min_size: i32,
+    /// The group's MaxSize.
+    pub max_size: i32,
+    /// The named hook's transition and heartbeat timeout in seconds; `None` if the group has
+    /// no hook of that name.
+    pub hook: Option<(String, i32)>,
+}
+
+/// The transition of a termination lifecycle hook.
+const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+
+/// Every way the group and herald's settings disagree, each as one sentence; empty if none.
+pub fn disagreements(
+    group: &str,
+    hook: Option<&str>,
+    facts: &GroupFacts,
+    want: &Expectations,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if i64::from(want.min_workers) < i64::from(facts.min_size) {
+        out.push(format!(
+            "min_workers {} is below the group's MinSize {}: a scale-in under MinSize is refused \
+             and the drained worker would stay up, empty (raise min_workers or lower MinSize)",
+            want.min_workers, facts.min_size
+        ));
+    }
+    if i64::from(want.max_workers) > i64::from(facts.max_size) {
+        out.push(format!(
+            "max_workers {} is above the group's MaxSize {}: a scale-out past MaxSize is refused \
+             (lower max_workers or raise MaxSize)",
+            want.max_workers, facts.max_size
+        ));
+    }
+    if let Some(name) = hook {
+        match &facts.hook {
+            None => out.push(format!(
+                "group {group} has no lifecycle hook {name:?}: instances would terminate \
+                 mid-drain (fix aws_lifecycle_hook, or leave it out to drain before terminating)"
+            )),
+            Some((transition, _)) if transition != TERMINATING => out.push(format!(
+                "lifecycle hook {name:?} is for {transition}, not {TERMINATING}"
+            )),
+            Some((_, timeout)) if i64::from(*timeout) <= want.drain_heartbeat.as_secs() as i64 => {
+                out.push(format!(
+                    "lifecycle hook {name:?} times out after {timeout} s, not longer than \
+                     drain_heartbeat {:?}: instances would terminate between heartbeats",
+                    want.drain_heartbeat
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    out
 }
 
 /// Scales an EC2 Auto Scaling group, optionally draining through a termination lifecycle hook.
@@ -142,6 +218,64 @@ impl Aws {
             group: settings.group,
             hook: settings.lifecycle_hook,
         })
+    }
+
+    /// Checks the group against herald's settings (see the module's documentation); fails with
+    /// every disagreement, or with the service's error if the group cannot be described.
+    pub async fn check_group(&self, want: &Expectations) -> Result<(), ActuatorError> {
+        let action = "check_group";
+        let groups = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.group)
+            .send()
+            .await
+            .map_err(|e| failure(action, e))?;
+        let group = groups
+            .auto_scaling_groups()
+            .first()
+            .ok_or_else(|| ActuatorError::Failed {
+                actuator: "aws",
+                action,
+                message: format!("Auto Scaling group {} not found", self.group),
+            })?;
+        let mut facts = GroupFacts {
+            min_size: group.min_size().unwrap_or_default(),
+            max_size: group.max_size().unwrap_or_default(),
+            hook: None,
+        };
+        if let Some(name) = &self.hook {
+            let hooks = self
+                .client
+                .describe_lifecycle_hooks()
+                .auto_scaling_group_name(&self.group)
+                .lifecycle_hook_names(name)
+                .send()
+                .await
+                .map_err(|e| failure(action, e))?;
+            facts.hook = hooks
+                .lifecycle_hooks()
+                .iter()
+                .find(|h| h.lifecycle_hook_name() == Some(name))
+                .map(|h| {
+                    (
+                        h.lifecycle_transition().unwrap_or_default().to_string(),
+                        h.heartbeat_timeout().unwrap_or_default(),
+                    )
+                });
+        }
+        let problems = disagreements(&self.group, self.hook.as_deref(), &facts, want);
+        if !problems.is_empty() {
+            return Err(ActuatorError::Failed {
+                actuator: "aws",
+                action,
+                message: problems.join("; "),
+            });
+        }
+        tracing::info!(group = %self.group, min_size = facts.min_size, max_size = facts.max_size,
+            hook = self.hook.as_deref().unwrap_or("-"),
+            heartbeat_timeout_s = facts.hook.as_ref().map(|h| h.1), "aws: group checked");
+        Ok(())
     }
 
     async fn set_capacity(&self, desired: u32, reason: &str) -> Result<(), ActuatorError> {
@@ -480,5 +614,54 @@ where
     match error.code() {
         Some(code) => format!("{code}: {}", error.message().unwrap_or("(no message)")),
         None => DisplayErrorContext(error).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want() -> Expectations {
+        Expectations {
+            min_workers: 3,
+            max_workers: 40,
+            drain_heartbeat: Duration::from_secs(60),
+        }
+    }
+
+    fn facts(min_size: i32, max_size: i32, hook: Option<(&str, i32)>) -> GroupFacts {
+        GroupFacts {
+            min_size,
+            max_size,
+            hook: hook.map(|(t, s)| (t.to_string(), s)),
+        }
+    }
+
+    #[test]
+    fn bounds_within_the_group_and_a_fitting_hook_agree() {
+        let f = facts(3, 40, Some((TERMINATING, 900)));
+        assert!(disagreements("g", Some("h"), &f, &want()).is_empty());
+        // Herald may be stricter than the group.
+        assert!(disagreements("g", None, &facts(1, 100, None), &want()).is_empty());
+    }
+
+    #[test]
+    fn each_disagreement_is_named() {
+        let f = facts(4, 30, None);
+        let found = disagreements("g", Some("pushfleet-drain"), &f, &want());
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].starts_with("min_workers 3 is below the group's MinSize 4"));
+        assert!(found[1].starts_with("max_workers 40 is above the group's MaxSize 30"));
+        assert!(found[2].contains("no lifecycle hook \"pushfleet-drain\""));
+
+        let launching = facts(3, 40, Some(("autoscaling:EC2_INSTANCE_LAUNCHING", 900)));
+        let found = disagreements("g", Some("h"), &launching, &want());
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("not autoscaling:EC2_INSTANCE_TERMINATING"));
+
+        let short = facts(3, 40, Some((TERMINATING, 60)));
+        let found = disagreements("g", Some("h"), &short, &want());
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("times out after 60 s"), "{found:?}");
     }
 }
