@@ -82,6 +82,10 @@ impl Herald {
 
 /// Runs herald until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HeraldError> {
+    protocol::process::ensure_open_files(
+        config.agent_max_connections as u64 + protocol::process::SPARE_OPEN_FILES,
+        "agent_max_connections",
+    );
     start(config, shutdown).await?.wait().await;
     Ok(())
 }

@@ -234,6 +234,49 @@ pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<(
     std::fs::rename(&tmp, path)
 }
 
+/// Descriptors a server needs beyond its connections: listeners, log, peers, herald, ZeroMQ.
+pub const SPARE_OPEN_FILES: u64 = 64;
+
+/// Raises the soft limit on open files to the hard limit (the usual soft default, 1024, would
+/// cap a server far below its configured connections) and warns when even that is below
+/// `needed`, naming the setting (`what`) to lower. Returns the soft limit in force, if known.
+pub fn ensure_open_files(needed: u64, what: &str) -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::info!(
+                from = limit.rlim_cur,
+                to = raised.rlim_cur,
+                "raised the open files limit to its hard limit"
+            );
+            limit = raised;
+        }
+    }
+    let soft = limit.rlim_cur as u64;
+    if soft < needed {
+        tracing::warn!(
+            limit = soft,
+            needed,
+            "the open files limit is below what {what} needs: connections past it fail \
+             with \"too many open files\"; raise LimitNOFILE (systemd) or ulimit -n, or lower {what}"
+        );
+    }
+    Some(soft)
+}
+
 /// Creates the series for each label value at 0, so they are scraped before the first event:
 /// a rate then sees the first increment, and dashboards and alerts always have a series.
 pub fn preset(counter: &prometheus::IntCounterVec, values: &[&str]) {

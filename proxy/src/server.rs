@@ -107,6 +107,11 @@ impl Proxy {
 
 /// Runs a proxy until `shutdown` is cancelled and its connections are drained.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ProxyError> {
+    protocol::process::ensure_open_files(
+        // Two sockets per relayed connection.
+        2 * config.max_connections as u64 + protocol::process::SPARE_OPEN_FILES,
+        "max_connections",
+    );
     start(config, shutdown).await?.wait().await;
     Ok(())
 }

@@ -110,6 +110,10 @@ impl Worker {
 
 /// Runs a worker until `shutdown` is cancelled and its clients are drained.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    protocol::process::ensure_open_files(
+        config.max_connections as u64 + protocol::process::SPARE_OPEN_FILES,
+        "max_connections",
+    );
     start(config, shutdown).await?.wait().await;
     Ok(())
 }
