@@ -224,7 +224,8 @@ impl LoadReport {
     }
 }
 
-/// `host:port` with a non-empty host and a port.
+/// `host:port` with a non-empty host that others can dial (not a wildcard like 0.0.0.0) and a
+/// port.
 fn check_address(addr: &str) -> Result<(), String> {
     if addr.len() > MAX_NAME_BYTES {
         return Err(format!("longer than {MAX_NAME_BYTES} bytes"));
@@ -235,6 +236,14 @@ fn check_address(addr: &str) -> Result<(), String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("{addr:?} has no valid host"));
+    }
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(format!(
+            "{addr:?} is a wildcard address that nobody can dial; advertise the host's own address"
+        ));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
@@ -338,6 +347,15 @@ mod tests {
         check(|r| r.worker.id = "a\nb".into(), "worker.id");
         check(|r| r.worker.address = "nohost".into(), "worker.address");
         check(|r| r.worker.address = ":80".into(), "worker.address");
+        check(
+            |r| r.worker.address = "0.0.0.0:8080".into(),
+            "worker.address",
+        );
+        check(|r| r.worker.address = "[::]:8080".into(), "worker.address");
+        check(
+            |r| r.worker.admin_address = "0.0.0.0:9090".into(),
+            "worker.admin_address",
+        );
         check(
             |r| r.worker.admin_address = "h:0".into(),
             "worker.admin_address",

@@ -74,11 +74,6 @@ pub fn setup(
         instance_id: config.instance_id.clone(),
         boot: rand::random(),
     };
-    for addr in [&identity.address, &identity.admin_address] {
-        if addr.starts_with("0.0.0.0:") || addr.starts_with("[::]:") {
-            tracing::warn!(%addr, "advertising an unspecified address to herald; set --advertise-address and --advertise-admin-address to where others can dial");
-        }
-    }
     let own = vec![identity.admin_address.clone(), admin_addr.to_string()];
     let fixed = Fixed {
         identity,
