@@ -16,8 +16,8 @@ pub struct Config {
     #[arg(long, env = "WORKER_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// This worker's name in logs, metrics, welcome messages and load reports.
-    /// Defaults to `worker-<pid>`.
+    /// This worker's name in logs, metrics, welcome messages and load reports; unique in the
+    /// fleet. Defaults to `<host name>-<pid>`.
     #[arg(long, env = "WORKER_ID")]
     pub id: Option<String>,
 
@@ -235,11 +235,17 @@ fn parse_size(text: &str) -> Result<usize, String> {
 }
 
 impl Config {
-    /// The worker's name: `--id`, or `worker-<pid>`.
+    /// The worker's name: `--id`, or `<host name>-<pid>` (unique across hosts, where a pid
+    /// alone is not: instances booted from one image often start the worker with the same pid).
     pub fn worker_id(&self) -> String {
-        self.id
-            .clone()
-            .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+        self.id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "worker".to_string());
+            format!("{host}-{}", std::process::id())
+        })
     }
 
     /// A configuration for tests: loopback, port 0, no publishers, defaults otherwise.
