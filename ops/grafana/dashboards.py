@@ -256,8 +256,8 @@ workers = dashboard(
         (timeseries(
             "p99 publish-to-socket latency per worker",
             "From the publisher's timestamp to the write of the frame to the client socket. "
-            f"The line is the objective ({int(SLO_SECONDS * 1000)} ms, alert "
-            "PushfleetPublishToSocketP99OverSLO).",
+            f"The line is the objective ({int(SLO_SECONDS * 1000)} ms; alerts "
+            "PushfleetWorkerPublishLatencyHigh and, fleet-wide, PushfleetPublishLatencyHigh).",
             [("histogram_quantile(0.99, "
               f"{rate('worker_publish_to_socket_seconds_bucket', by='worker, le')})",
               "{{worker}}")],
