@@ -265,7 +265,7 @@ pub fn ensure_open_files(needed: u64, what: &str) -> Option<u64> {
             limit = raised;
         }
     }
-    let soft = limit.rlim_cur as u64;
+    let soft: u64 = limit.rlim_cur;
     if soft < needed {
         tracing::warn!(
             limit = soft,
