@@ -22,7 +22,7 @@ pub use publisher::Publisher;
 pub struct TestWorker {
     /// The running worker.
     pub worker: worker::Worker,
-    /// Cancel to shut it down (drain with 1001, then stop).
+    /// Cancel to shut it down (drain with 1012, then stop).
     pub shutdown: CancellationToken,
 }
 

@@ -110,7 +110,7 @@ async fn resume_on_another_worker_gets_exactly_the_missed_messages() -> Result<(
 
     // Worker A goes away; messages keep coming while the client is disconnected.
     a.shutdown.cancel();
-    assert_eq!(c.expect_close().await?, 1001);
+    assert_eq!(c.expect_close().await?, 1012);
     for i in 20..30 {
         p.publish("m.1", format!("{{\"n\":{i}}}").as_bytes())
             .await?;
