@@ -121,6 +121,17 @@ impl Drop for Moto {
     }
 }
 
+async fn create_launch_configuration(client: &Client) {
+    client
+        .create_launch_configuration()
+        .launch_configuration_name("pushfleet-worker")
+        .image_id("ami-12c6146b")
+        .instance_type("t3.micro")
+        .send()
+        .await
+        .expect("launch configuration created");
+}
+
 async fn create_group(client: &Client, name: &str, desired: i32) {
     client
         .create_auto_scaling_group()
@@ -171,14 +182,7 @@ fn target(instance_id: Option<&str>) -> Target {
 async fn the_group_check_names_a_missing_hook_and_bounds_outside_the_group() {
     let moto = Moto::start().await;
     let client = moto.client().await;
-    client
-        .create_launch_configuration()
-        .launch_configuration_name("pushfleet-worker")
-        .image_id("ami-12c6146b")
-        .instance_type("t3.micro")
-        .send()
-        .await
-        .expect("launch configuration created");
+    create_launch_configuration(&client).await;
     create_group(&client, GROUP, 0).await;
     client
         .put_lifecycle_hook()
@@ -250,14 +254,7 @@ async fn the_group_check_names_a_missing_hook_and_bounds_outside_the_group() {
 async fn scales_and_terminates_instances_of_its_group_only() {
     let moto = Moto::start().await;
     let client = moto.client().await;
-    client
-        .create_launch_configuration()
-        .launch_configuration_name("pushfleet-worker")
-        .image_id("ami-12c6146b")
-        .instance_type("t3.micro")
-        .send()
-        .await
-        .expect("launch configuration created");
+    create_launch_configuration(&client).await;
     create_group(&client, GROUP, 2).await;
     create_group(&client, OTHER_GROUP, 1).await;
     let aws = moto.actuator().await;

@@ -224,21 +224,7 @@ impl Aws {
     /// every disagreement, or with the service's error if the group cannot be described.
     pub async fn check_group(&self, want: &Expectations) -> Result<(), ActuatorError> {
         let action = "check_group";
-        let groups = self
-            .client
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(&self.group)
-            .send()
-            .await
-            .map_err(|e| failure(action, e))?;
-        let group = groups
-            .auto_scaling_groups()
-            .first()
-            .ok_or_else(|| ActuatorError::Failed {
-                actuator: "aws",
-                action,
-                message: format!("Auto Scaling group {} not found", self.group),
-            })?;
+        let group = self.describe_group(action).await?;
         let mut facts = GroupFacts {
             min_size: group.min_size().unwrap_or_default(),
             max_size: group.max_size().unwrap_or_default(),
@@ -278,6 +264,29 @@ impl Aws {
         Ok(())
     }
 
+    /// The group as DescribeAutoScalingGroups says, for `action`'s errors.
+    async fn describe_group(
+        &self,
+        action: &'static str,
+    ) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, ActuatorError> {
+        let groups = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.group)
+            .send()
+            .await
+            .map_err(|e| failure(action, e))?;
+        groups
+            .auto_scaling_groups()
+            .first()
+            .cloned()
+            .ok_or_else(|| ActuatorError::Failed {
+                actuator: "aws",
+                action,
+                message: format!("Auto Scaling group {} not found", self.group),
+            })
+    }
+
     async fn set_capacity(&self, desired: u32, reason: &str) -> Result<(), ActuatorError> {
         let action = "set_desired";
         let capacity = i32::try_from(desired).map_err(|_| ActuatorError::Failed {
@@ -288,22 +297,7 @@ impl Aws {
         // Herald only grows the group this way, and may not see instances still booting: never
         // lower a desired capacity someone (or an earlier herald) already raised, or the group
         // would pick its own victims.
-        let groups = self
-            .client
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(&self.group)
-            .send()
-            .await
-            .map_err(|e| failure(action, e))?;
-        let current = groups
-            .auto_scaling_groups()
-            .first()
-            .ok_or_else(|| ActuatorError::Failed {
-                actuator: "aws",
-                action,
-                message: format!("Auto Scaling group {} not found", self.group),
-            })?
-            .desired_capacity();
+        let current = self.describe_group(action).await?.desired_capacity();
         if current.is_some_and(|c| c >= capacity) {
             tracing::info!(group = %self.group, desired, current, reason,
                 "aws: group already wants at least this many; left as it is");
