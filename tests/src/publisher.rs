@@ -47,8 +47,13 @@ impl Publisher {
 
     /// Binds a PUB socket on 127.0.0.1, port 0, with a random epoch.
     pub async fn bind() -> Result<Publisher> {
+        Publisher::bind_to("tcp://127.0.0.1:0").await
+    }
+
+    /// Binds a PUB socket on `endpoint` (e.g. `tcp://127.0.0.1:5599`), with a random epoch.
+    pub async fn bind_to(endpoint: &str) -> Result<Publisher> {
         let mut socket = zeromq::PubSocket::new();
-        let endpoint = socket.bind("tcp://127.0.0.1:0").await?.to_string();
+        let endpoint = socket.bind(endpoint).await?.to_string();
         let epoch = rand::random();
         Ok(Publisher {
             socket,

@@ -22,6 +22,7 @@
 //! 127.0.0.1 is used.
 
 pub mod feed;
+pub mod hist;
 pub mod procfs;
 pub mod scrape;
 pub mod wire;

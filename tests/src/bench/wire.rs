@@ -44,6 +44,16 @@ pub fn message_header(json: &[u8]) -> Option<(u64, u64)> {
     })
 }
 
+/// `(seq, ts)` of a benchmark payload as servers without an envelope deliver it: the JSON the
+/// load generator publishes starts `{"seq":N,"ts":MICROS,`.
+pub fn payload_header(json: &[u8]) -> Option<(u64, u64)> {
+    if !json.starts_with(br#"{"seq":"#) {
+        return None;
+    }
+    let head = &json[..json.len().min(64)];
+    number_after(head, br#""seq":"#).zip(number_after(head, br#""ts":"#))
+}
+
 /// `(offset, ts, JSON length)` of a compressed `message` push.
 ///
 /// Compress-once means every subscriber gets the very same bytes for a message, and inflating
@@ -58,6 +68,17 @@ pub fn compressed_header(
     inflations: &AtomicU64,
     generation: usize,
 ) -> Result<Option<(u64, u64, usize)>> {
+    compressed_with(payload, inflations, generation, message_header)
+}
+
+/// Like [`compressed_header`], reading the inflated JSON with `header` (for example
+/// [`payload_header`] for servers that send the published payload as it is).
+pub fn compressed_with(
+    payload: &[u8],
+    inflations: &AtomicU64,
+    generation: usize,
+    header: fn(&[u8]) -> Option<(u64, u64)>,
+) -> Result<Option<(u64, u64, usize)>> {
     type Header = Option<(u64, u64, usize)>;
     thread_local! {
         // Two generations, so the cache stays bounded without forgetting messages in flight.
@@ -71,8 +92,8 @@ pub fn compressed_header(
         }
         inflations.fetch_add(1, Ordering::Relaxed);
         let json = worker::ws::deflate::inflate(payload, 64 << 20)
-            .map_err(|e| anyhow::anyhow!("bad deflate data from the worker: {e:?}"))?;
-        let header = message_header(&json).map(|(o, ts)| (o, ts, json.len()));
+            .map_err(|e| anyhow::anyhow!("bad deflate data from the server: {e:?}"))?;
+        let header = header(&json).map(|(o, ts)| (o, ts, json.len()));
         if seen[0].len() >= generation.max(1) {
             seen[1] = std::mem::take(&mut seen[0]);
         }
@@ -155,6 +176,15 @@ mod tests {
         );
         assert_eq!(message_header(&json), Some((42, 1234)));
         assert_eq!(message_header(br#"{"type":"ack"}"#), None);
+    }
+
+    #[test]
+    fn reads_the_payload_header() {
+        assert_eq!(
+            payload_header(br#"{"seq":12,"ts":1763900000123456,"x":"y"}"#),
+            Some((12, 1763900000123456))
+        );
+        assert_eq!(payload_header(br#"{"type":"message"}"#), None);
     }
 
     #[test]
