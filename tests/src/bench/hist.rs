@@ -69,7 +69,12 @@ impl Hist {
         for (i, c) in self.counts.iter().enumerate() {
             seen += c;
             if seen >= rank {
-                return upper(i).min(self.max_us);
+                // The last bucket holds everything past its bound.
+                return if i == BUCKETS - 1 {
+                    self.max_us
+                } else {
+                    upper(i).min(self.max_us)
+                };
             }
         }
         self.max_us
