@@ -6,7 +6,7 @@
 //! loadgen run --target pushfleet --url ws://127.0.0.1:8000/ws --clients 12000 --topics 200 \
 //!     --zipf 1.1 --ramp 2m --hold 1m --deflate --out s1.json
 //! loadgen run --target raw --url 'ws://127.0.0.1:9080/sub/{topic}' --clients 10000 --topics 1
-//! loadgen publish --target pushfleet --bind tcp://127.0.0.1:5599 --topics 1 --rate 50 --duration 30s
+//! loadgen publish --target pushfleet --bind tcp://127.0.0.1:5599 --topics 1 --steps 50:10s,100:10s
 //! loadgen publish --target nchan --url 'http://127.0.0.1:9080/pub/{topic}' --topics 1 --rate 50
 //! loadgen publish --target pushpin --url http://127.0.0.1:5561/publish/ --topics 1 --rate 50
 //! ```
@@ -178,17 +178,45 @@ struct PublishArgs {
     #[arg(long, default_value_t = 0.0)]
     zipf: f64,
     /// Messages per second over all topics.
-    #[arg(long)]
-    rate: f64,
+    #[arg(long, required_unless_present = "steps")]
+    rate: Option<f64>,
     /// How long to publish.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Several rates one after the other, `RATE:DURATION,...` (e.g. `100:10s,200:10s`), from
+    /// one publisher (one epoch); each step's start and end go to stdout as a JSON line.
+    #[arg(long, value_parser = parse_steps, conflicts_with = "rate")]
+    steps: Option<Steps>,
     /// Wait this long first (subscribers joining a ZeroMQ publisher).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     delay: Duration,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 500)]
     bytes: usize,
+}
+
+/// Publish steps: `(messages per second, how long)`.
+#[derive(Debug, Clone)]
+struct Steps(Vec<(f64, Duration)>);
+
+fn parse_steps(text: &str) -> Result<Steps, String> {
+    text.split(',')
+        .map(|step| {
+            let (rate, d) = step
+                .split_once(':')
+                .ok_or_else(|| format!("{step:?} is not RATE:DURATION"))?;
+            let rate: f64 = rate
+                .trim()
+                .parse()
+                .map_err(|_| format!("{rate:?} is not a rate"))?;
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(format!("{rate} is not a positive rate"));
+            }
+            let d = humantime::parse_duration(d.trim()).map_err(|e| format!("{d:?}: {e}"))?;
+            Ok((rate, d))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Steps)
 }
 
 fn main() -> Result<()> {
@@ -476,6 +504,7 @@ fn collect(
             );
             timeline.push(serde_json::json!({
                 "t": (t * 10.0).round() / 10.0,
+                "unix": now_us() as f64 / 1e6,
                 "connected": total.connected,
                 "failed": total.failed,
                 "messages": total.messages.saturating_sub(prev_messages),
@@ -906,12 +935,15 @@ fn note_welcome(json: &[u8], stats: &Stats) -> bool {
 // publish
 
 async fn publish(a: PublishArgs) -> Result<()> {
-    ensure!(
-        a.rate > 0.0 && a.rate.is_finite(),
-        "--rate must be positive"
-    );
+    let steps = match (&a.steps, a.rate) {
+        (Some(s), _) => s.0.clone(),
+        (None, Some(rate)) => {
+            ensure!(rate > 0.0 && rate.is_finite(), "--rate must be positive");
+            vec![(rate, a.duration)]
+        }
+        (None, None) => bail!("give --rate or --steps"),
+    };
     ensure!(a.topics > 0, "--topics must be at least 1");
-    let mut payloads = PayloadGen::new(a.bytes.saturating_sub(40));
     let mut sink = match a.target {
         PubTarget::Pushfleet => Sink::Zmq(Box::new(harness::Publisher::bind_to(&a.bind).await?)),
         PubTarget::Nchan | PubTarget::Pushpin => {
@@ -925,59 +957,91 @@ async fn publish(a: PublishArgs) -> Result<()> {
         }
     };
     tokio::time::sleep(a.delay).await;
-    let mut seq: Vec<u64> = vec![0; a.topics];
     let weights: Vec<f64> = (1..=a.topics)
         .map(|k| 1.0 / (k as f64).powf(a.zipf))
         .collect();
-    let mut credit = vec![0.0; a.topics];
-    let total_w: f64 = weights.iter().sum();
-    let start = Instant::now();
-    let n = (a.rate * a.duration.as_secs_f64()).round() as u64;
-    let mut late = Duration::ZERO;
-    let mut next_report = start + Duration::from_secs(1);
-    for k in 0..n {
-        let due = start + Duration::from_secs_f64(k as f64 / a.rate);
-        let now = Instant::now();
-        if due > now {
-            tokio::time::sleep_until(due.into()).await;
-        } else {
-            late = late.max(now - due);
-        }
-        // Smooth weighted round-robin: each topic gets its share, in a steady order.
-        for (c, w) in credit.iter_mut().zip(&weights) {
-            *c += w;
-        }
-        let t = (0..a.topics)
-            .max_by(|x, y| credit[*x].total_cmp(&credit[*y]))
-            .expect("topics");
-        credit[t] -= total_w;
-        let body = format!(
-            r#"{{"seq":{},"ts":{},"data":{}}}"#,
-            seq[t],
-            now_us(),
-            payloads.next_payload()
+    let mut feed = Feed {
+        payloads: PayloadGen::new(a.bytes.saturating_sub(40)),
+        seq: vec![0; a.topics],
+        credit: vec![0.0; a.topics],
+        total_weight: weights.iter().sum(),
+        weights,
+    };
+    for (i, (rate, duration)) in steps.iter().enumerate() {
+        let started_unix = now_us() as f64 / 1e6;
+        let n = (rate * duration.as_secs_f64()).round() as u64;
+        let late = feed.step(&mut sink, *rate, n).await?;
+        println!(
+            "{}",
+            serde_json::json!({"step": i, "rate": rate, "messages": n,
+                "start_unix": started_unix, "end_unix": now_us() as f64 / 1e6,
+                "max_late_us": late.as_micros() as u64})
         );
-        seq[t] += 1;
-        sink.send(&format!("t.{t}"), &body).await?;
-        if Instant::now() >= next_report {
-            next_report += Duration::from_secs(1);
-            eprintln!(
-                "[publish] {}/{} messages, at most {} late",
-                thousands(k + 1),
-                thousands(n),
-                ms(late.as_micros() as u64)
-            );
-        }
+        let _ = std::io::stdout().flush();
     }
-    eprintln!(
-        "[publish] done: {} messages over {} topics in {:.1}s (target {:.1}s), at most {} late",
-        thousands(n),
-        a.topics,
-        start.elapsed().as_secs_f64(),
-        a.duration.as_secs_f64(),
-        ms(late.as_micros() as u64)
-    );
     Ok(())
+}
+
+/// What `publish` sends: payloads, each topic's next sequence number, and the weighted
+/// round-robin that spreads messages over topics in a steady order.
+struct Feed {
+    payloads: PayloadGen,
+    seq: Vec<u64>,
+    credit: Vec<f64>,
+    weights: Vec<f64>,
+    total_weight: f64,
+}
+
+impl Feed {
+    /// Publishes `n` messages at `rate`; returns how late the worst one was.
+    async fn step(&mut self, sink: &mut Sink, rate: f64, n: u64) -> Result<Duration> {
+        let start = Instant::now();
+        let mut late = Duration::ZERO;
+        let mut next_report = start + Duration::from_secs(1);
+        for k in 0..n {
+            let due = start + Duration::from_secs_f64(k as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep_until(due.into()).await;
+            } else {
+                late = late.max(now - due);
+            }
+            for (c, w) in self.credit.iter_mut().zip(&self.weights) {
+                *c += w;
+            }
+            let t = (0..self.seq.len())
+                .max_by(|x, y| self.credit[*x].total_cmp(&self.credit[*y]))
+                .expect("topics");
+            self.credit[t] -= self.total_weight;
+            let body = format!(
+                r#"{{"seq":{},"ts":{},"data":{}}}"#,
+                self.seq[t],
+                now_us(),
+                self.payloads.next_payload()
+            );
+            self.seq[t] += 1;
+            sink.send(&format!("t.{t}"), &body).await?;
+            if Instant::now() >= next_report {
+                next_report += Duration::from_secs(1);
+                eprintln!(
+                    "[publish] {rate}/s: {}/{} messages, at most {} late",
+                    thousands(k + 1),
+                    thousands(n),
+                    ms(late.as_micros() as u64)
+                );
+            }
+        }
+        eprintln!(
+            "[publish] {rate}/s done: {} messages over {} topics in {:.1}s (target {:.1}s), \
+             at most {} late",
+            thousands(n),
+            self.seq.len(),
+            start.elapsed().as_secs_f64(),
+            n as f64 / rate,
+            ms(late.as_micros() as u64)
+        );
+        Ok(late)
+    }
 }
 
 enum Sink {
@@ -1037,6 +1101,22 @@ mod tests {
         assert_eq!(topic_of(42, 10, 1.1, 7), topic_of(42, 10, 1.1, 7));
         let uniform: Vec<usize> = (0..1000).map(|c| topic_of(c, 4, 0.0, 1)).collect();
         assert!((0..4).all(|t| uniform.iter().filter(|x| **x == t).count() > 150));
+    }
+
+    #[test]
+    fn steps_parse_and_refuse_nonsense() {
+        let s = parse_steps("100:10s, 200:1m").unwrap().0;
+        assert_eq!(
+            s,
+            vec![
+                (100.0, Duration::from_secs(10)),
+                (200.0, Duration::from_secs(60))
+            ]
+        );
+        assert!(parse_steps("100").is_err());
+        assert!(parse_steps("0:1s").is_err());
+        assert!(parse_steps("x:1s").is_err());
+        assert!(parse_steps("5:soon").is_err());
     }
 
     #[test]
