@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -152,15 +151,14 @@ pub async fn build_actuator(config: &Config) -> Result<Arc<dyn Actuator>, Herald
 /// Starts herald and returns once its ports are bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Herald, HeraldError> {
     config.check()?;
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
-            .await
+    let bind = |what, addr| {
+        protocol::process::listen(addr, protocol::process::ADMIN_BACKLOG)
             .map_err(|source| HeraldError::Bind { what, addr, source })
     };
-    let listener = bind("http", config.listen).await?;
+    let listener = bind("http", config.listen)?;
     let http_addr = listener.local_addr().expect("bound");
     let agent_listener = match config.agent_listen {
-        Some(addr) => Some(bind("agent", addr).await?),
+        Some(addr) => Some(bind("agent", addr)?),
         None => None,
     };
     let agent_addr = agent_listener

@@ -234,6 +234,24 @@ pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<(
     std::fs::rename(&tmp, path)
 }
 
+/// Pending connections queued on admin and API ports (scrapers, load reports, table polls).
+pub const ADMIN_BACKLOG: u32 = 1024;
+
+/// Binds `addr` and listens with a queue of `backlog` pending connections (the kernel caps it
+/// at `net.core.somaxconn`). The runtime's own bind queues only 128: a burst of new clients
+/// beyond that is dropped by the kernel and each dropped client retries only after a second.
+pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the runtime's bind does: a restarted server rebinds at once past TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Descriptors a server needs beyond its connections: listeners, log, peers, herald, ZeroMQ.
 pub const SPARE_OPEN_FILES: u64 = 64;
 
@@ -324,4 +342,30 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: stopping now");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel completes handshakes for as many connections as the queue holds, accepted or
+    /// not; past the queue it drops them (the runtime's own bind queued only 128).
+    #[tokio::test]
+    async fn listen_queues_the_backlog_it_is_given() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 600).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for i in 0..400 {
+            let stream = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not queued"))
+            .unwrap();
+            held.push(stream);
+        }
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer, held[0].local_addr().unwrap());
+    }
 }

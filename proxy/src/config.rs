@@ -23,6 +23,11 @@ pub struct Config {
     #[arg(long, env = "PROXY_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
 
+    /// Pending client connections the kernel queues until they are accepted (capped by
+    /// `net.core.somaxconn`); a burst past it is dropped and those clients retry a second later.
+    #[arg(long, env = "PROXY_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: u32,
+
     /// Address for the admin HTTP port: /metrics, /healthz, /readyz.
     #[arg(long, env = "PROXY_ADMIN_LISTEN", default_value = "127.0.0.1:9100")]
     pub admin_listen: SocketAddr,

@@ -26,8 +26,8 @@ fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt \
   -r tests/bench/requirements.txt
 
-echo "bench: building the release worker, proxy and load generator" >&2
-cargo build --release -p pushfleet-worker --bin worker -p pushfleet-proxy --bin proxy \
+echo "bench: building the release launcher (herald), worker, proxy and load generator" >&2
+cargo build --release -p pushfleet -p pushfleet-worker --bin worker -p pushfleet-proxy --bin proxy \
   -p pushfleet-tests --bin loadgen
 
 out_given=false

@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "WORKER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Pending client connections the kernel queues until they are accepted (capped by
+    /// `net.core.somaxconn`); a burst past it is dropped and those clients retry a second later.
+    #[arg(long, env = "WORKER_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: u32,
+
     /// Address for the admin HTTP port: /metrics, /healthz, /readyz, POST /drain.
     #[arg(long, env = "WORKER_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,

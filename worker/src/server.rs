@@ -120,13 +120,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 
 /// Starts a worker and returns once its ports are bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker, WorkerError> {
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| WorkerError::Bind { what, addr, source })
+    let bind = |what, addr, backlog| {
+        protocol::process::listen(addr, backlog).map_err(|source| WorkerError::Bind {
+            what,
+            addr,
+            source,
+        })
     };
-    let listener = bind("client", config.listen).await?;
-    let admin_listener = bind("admin", config.admin_listen).await?;
+    let listener = bind("client", config.listen, config.listen_backlog)?;
+    let admin_listener = bind(
+        "admin",
+        config.admin_listen,
+        protocol::process::ADMIN_BACKLOG,
+    )?;
     let ws_addr = listener.local_addr().expect("bound");
     let admin_addr = admin_listener.local_addr().expect("bound");
     let worker_id = config.worker_id();

@@ -544,9 +544,26 @@ fn collect(
         "dups": total.dups,
         "latency_us": quantiles(&total.latency),
         "handshake_us": quantiles(&total.handshake),
+        "connect_span_s": connect_span_s(&last),
         "by_worker": total.by_worker,
         "timeline": timeline,
     }))
+}
+
+/// From the first process's start to the last upgrade in any process, seconds (0 before any).
+fn connect_span_s(last: &[serde_json::Value]) -> f64 {
+    let started = last
+        .iter()
+        .filter_map(|v| v["started_unix_us"].as_u64())
+        .min();
+    let upgraded = last
+        .iter()
+        .filter_map(|v| v["last_upgrade_unix_us"].as_u64())
+        .max();
+    match (started, upgraded) {
+        (Some(s), Some(u)) if u > s => (u - s) as f64 / 1e6,
+        _ => 0.0,
+    }
 }
 
 /// Messages in the timeline's seconds that fall in the hold (after the last arrival).
@@ -614,6 +631,10 @@ struct Stats {
     deflate: AtomicU64,
     bytes: AtomicU64,
     inflations: AtomicU64,
+    /// Wall-clock µs when this process started and when its last client was upgraded: with
+    /// `--ramp 0s`, the span is how long the burst of connections took.
+    started_unix_us: AtomicU64,
+    last_upgrade_unix_us: AtomicU64,
     first_error: Mutex<Option<String>>,
     latency: Mutex<Hist>,
     handshake: Mutex<Hist>,
@@ -646,6 +667,8 @@ impl Stats {
             "lat": take(&self.latency).to_json(),
             "hs": take(&self.handshake).to_json(),
             "new_by_worker": std::mem::take(&mut *self.new_by_worker.lock().expect("not poisoned")),
+            "started_unix_us": g(&self.started_unix_us),
+            "last_upgrade_unix_us": g(&self.last_upgrade_unix_us),
             "done": done,
         })
         .to_string()
@@ -662,6 +685,7 @@ fn child(a: ChildArgs) -> Result<()> {
 async fn child_run(a: ChildArgs) -> Result<()> {
     let r = &a.run;
     let stats = Arc::new(Stats::default());
+    stats.started_unix_us.store(now_us(), Ordering::Relaxed);
     let start = Instant::now();
     let end = start + r.ramp + r.hold;
     let mine: Vec<usize> = (a.index..r.clients).step_by(a.of).collect();
@@ -713,10 +737,12 @@ async fn client(
 ) -> Result<()> {
     let url = a.url.replace("{topic}", topic);
     let (addr, path) = split_url(&url)?;
-    let began = Instant::now();
-    let (mut stream, leftover, deflate) = {
+    let (mut stream, leftover, deflate, began) = {
         let _permit = gate.acquire().await?;
-        tokio::time::timeout(
+        // Connect plus upgrade, from the moment a slot is free: waiting for one of this
+        // process's `--concurrency` slots is the generator's limit, not the server's.
+        let began = Instant::now();
+        let (stream, leftover, deflate) = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             connect(
                 addr,
@@ -726,7 +752,8 @@ async fn client(
             ),
         )
         .await
-        .map_err(|_| anyhow!("no upgrade within {HANDSHAKE_TIMEOUT:?}"))??
+        .map_err(|_| anyhow!("no upgrade within {HANDSHAKE_TIMEOUT:?}"))??;
+        (stream, leftover, deflate, began)
     };
     stats
         .handshake
@@ -734,6 +761,9 @@ async fn client(
         .expect("not poisoned")
         .record(began.elapsed().as_micros() as u64);
     stats.connected.fetch_add(1, Ordering::Relaxed);
+    stats
+        .last_upgrade_unix_us
+        .fetch_max(now_us(), Ordering::Relaxed);
     if deflate {
         stats.deflate.fetch_add(1, Ordering::Relaxed);
     }
