@@ -41,6 +41,12 @@ pub mod close {
     pub const IDLE_TIMEOUT: u16 = 4002;
     /// No pong to the worker's ping within the keepalive timeout.
     pub const KEEPALIVE_TIMEOUT: u16 = 4003;
+    /// The access token is missing (tokens required) or invalid: malformed, unknown key,
+    /// algorithm not allowed for its key, bad signature, wrong audience or issuer, not yet
+    /// valid. Retrying with the same token cannot succeed.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// The access token expired, at connect or while connected: get a new one, reconnect.
+    pub const TOKEN_EXPIRED: u16 = 4402;
 }
 
 /// Stable machine-readable error codes in `{"type":"error","code":...}` replies.
@@ -63,6 +69,8 @@ pub enum ErrorCode {
     NotSubscribed,
     /// A history request (`since`/`last`) for a topic the connection already holds.
     AlreadySubscribed,
+    /// The connection's access token (or anonymous access) does not allow this topic.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -77,6 +85,7 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -103,6 +112,67 @@ impl Filter {
         match self {
             Filter::Topic(t) => t == topic,
             Filter::Prefix(p) => topic.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Topics named by a configuration or an access token: a topic, or a prefix ending in `*`
+/// (`match.*`; a lone `*` is every topic).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TopicPattern {
+    /// Exactly this topic.
+    Exact(String),
+    /// Every topic starting with this.
+    Prefix(String),
+}
+
+impl TopicPattern {
+    /// Parses `topic` or `prefix*`; `what` names the setting in the error.
+    pub fn parse(text: &str, what: &str) -> Result<Self, String> {
+        match text.trim() {
+            "" => Err(format!("{what} pattern {text:?} is empty")),
+            p if p.ends_with('*') && !p[..p.len() - 1].contains('*') => {
+                Ok(TopicPattern::Prefix(p[..p.len() - 1].to_string()))
+            }
+            p if p.contains('*') => Err(format!(
+                "{what} pattern {p:?}: only a trailing * is allowed"
+            )),
+            p => Ok(TopicPattern::Exact(p.to_string())),
+        }
+    }
+
+    /// Whether `topic` is covered.
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            TopicPattern::Exact(t) => t == topic,
+            TopicPattern::Prefix(p) => topic.starts_with(p.as_str()),
+        }
+    }
+
+    /// Whether every topic `filter` can match is covered: an exact topic the pattern matches,
+    /// or a prefix at least as long as the pattern's (`match.*` covers `match.1` and `match.`;
+    /// `match.1` covers no prefix).
+    pub fn covers(&self, filter: &Filter) -> bool {
+        match (self, filter) {
+            (_, Filter::Topic(t)) => self.matches(t),
+            (TopicPattern::Prefix(p), Filter::Prefix(f)) => f.starts_with(p.as_str()),
+            (TopicPattern::Exact(_), Filter::Prefix(_)) => false,
+        }
+    }
+
+    /// The ZeroMQ subscription that receives every covered topic.
+    pub fn upstream_prefix(&self) -> &str {
+        match self {
+            TopicPattern::Exact(t) | TopicPattern::Prefix(t) => t,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TopicPattern::Exact(t) => write!(f, "{t}"),
+            TopicPattern::Prefix(p) => write!(f, "{p}*"),
         }
     }
 }

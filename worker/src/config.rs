@@ -229,6 +229,62 @@ pub struct Config {
     #[arg(long, env = "WORKER_MAX_PEERS", default_value_t = 64)]
     pub max_peers: usize,
 
+    /// A key that verifies client access tokens (JWT; repeat for rotation, e.g. the old and
+    /// the new key): `[id=KID,]alg=ALG[|ALG...],secret-file=PATH` for HS256/384/512 (the file
+    /// holds the secret, at least 32 bytes) or `...,pem-file=PATH` for RS*/PS*/ES*/EdDSA (a PEM
+    /// public key). A token naming a `kid` is checked with that key only, and only with the
+    /// algorithms listed for it. Without any key, access control is off: every connection may
+    /// subscribe to every topic.
+    #[arg(long = "auth-key", env = "WORKER_AUTH_KEYS", value_delimiter = ';')]
+    pub auth_keys: Vec<crate::access::KeySpec>,
+
+    /// With auth keys: close connections that present no valid token (4401). Without it a
+    /// connection may present none and gets the anonymous topics only.
+    #[arg(long, env = "WORKER_AUTH_REQUIRED")]
+    pub auth_required: bool,
+
+    /// With auth keys: topics a connection without a token may subscribe to (a topic, or a
+    /// prefix ending in `*`; repeat). Tokens get them too, on top of their own.
+    #[arg(long = "anonymous-topics", env = "WORKER_ANONYMOUS_TOPICS", value_delimiter = ',',
+          value_parser = |t: &str| protocol::client::TopicPattern::parse(t, "anonymous topics"))]
+    pub anonymous_topics: Vec<protocol::client::TopicPattern>,
+
+    /// Accepted token audiences (`aud`; repeat). When set, a token must name one of them.
+    #[arg(
+        long = "auth-audience",
+        env = "WORKER_AUTH_AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub auth_audience: Vec<String>,
+
+    /// Accepted token issuers (`iss`; repeat). When set, a token must come from one of them.
+    #[arg(
+        long = "auth-issuer",
+        env = "WORKER_AUTH_ISSUER",
+        value_delimiter = ','
+    )]
+    pub auth_issuer: Vec<String>,
+
+    /// The token claim that lists the topics it may subscribe to (a list of topics and
+    /// prefixes ending in `*`).
+    #[arg(long, env = "WORKER_AUTH_TOPICS_CLAIM", default_value = "topics")]
+    pub auth_topics_claim: String,
+
+    /// Clock skew tolerated when checking a token's `exp` and `nbf`.
+    #[arg(long, env = "WORKER_AUTH_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub auth_leeway: Duration,
+
+    /// Browser origins allowed to connect (`https://app.example.com`, or
+    /// `https://*.example.com` for its subdomains; repeat). Others get 403 before the upgrade
+    /// (RFC 6455 §10.2); requests without `Origin` (non-browser clients) are let through.
+    /// Unset: any origin.
+    #[arg(
+        long = "allowed-origin",
+        env = "WORKER_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "WORKER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -251,6 +307,20 @@ impl Config {
                 .unwrap_or_else(|| "worker".to_string());
             format!("{host}-{}", std::process::id())
         })
+    }
+
+    /// The access-control settings.
+    pub fn access(&self) -> crate::access::Settings {
+        crate::access::Settings {
+            keys: self.auth_keys.clone(),
+            required: self.auth_required,
+            anonymous_topics: self.anonymous_topics.clone(),
+            audience: self.auth_audience.clone(),
+            issuer: self.auth_issuer.clone(),
+            topics_claim: self.auth_topics_claim.clone(),
+            leeway_s: self.auth_leeway.as_secs(),
+            origins: self.allowed_origins.clone(),
+        }
     }
 
     /// A configuration for tests: loopback, port 0, no publishers, defaults otherwise.

@@ -6,6 +6,7 @@
 //! connection holds no read buffer at all. Writes take every frame queued in the outbox and
 //! hand them to the kernel in one vectored write.
 
+use crate::access::{self, AccessError, Grant};
 use crate::broadcast::Encoding;
 use crate::hub::{Command, Subscriber};
 use crate::outbox::Outgoing;
@@ -65,6 +66,10 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
         Ok(r) => r,
         Err(refusal) => return refuse(&mut stream, peer, &shared, refusal).await,
     };
+    if !shared.access.origin_allowed(upgrade.origin.as_deref()) {
+        let refusal = Refusal::ForbiddenOrigin(upgrade.origin.clone().unwrap_or_default());
+        return refuse(&mut stream, peer, &shared, refusal).await;
+    }
     if shared.draining.load(Ordering::Relaxed) {
         return refuse(&mut stream, peer, &shared, Refusal::Unavailable("draining")).await;
     }
@@ -79,6 +84,28 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
     if stream.write_all(&response).await.is_err() {
         return;
     }
+    // The token is checked after the upgrade so that a browser sees the close code (an HTTP
+    // refusal reaches its script as a bare 1006).
+    let grant = match route {
+        Route::Echo => Grant::everything(),
+        Route::Push => {
+            let token = access::presented_token(
+                upgrade.query.as_deref(),
+                upgrade.authorization.as_deref(),
+                &upgrade.protocols,
+            );
+            match shared.access.authenticate(token.as_deref(), unix_now()) {
+                Ok(grant) => grant,
+                Err(e) => return refuse_token(stream, peer, &shared, &upgrade, &e).await,
+            }
+        }
+    };
+    let expires_at = grant.expires_at.map(|exp| {
+        let left = exp
+            .saturating_add(cfg.auth_leeway.as_secs())
+            .saturating_sub(unix_now());
+        Instant::now() + Duration::from_secs(left)
+    });
 
     // 2. Register.
     let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -93,7 +120,8 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
         shared.metrics.deflate_negotiated.inc();
     }
     let client = upgrade.forwarded_for.as_deref().unwrap_or("-");
-    tracing::debug!(id, %peer, client, path = %upgrade.path, ?encoding, "client connected");
+    tracing::debug!(id, %peer, client, path = %upgrade.path, ?encoding,
+        subject = conn_subject(&grant), "client connected");
 
     // 3. Serve until closed.
     let mut conn = Connection {
@@ -116,6 +144,8 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
         commands: Vec::new(),
         consecutive_errors: 0,
         closing: Closing::Open,
+        grant,
+        expires_at,
     };
     if route == Route::Push {
         conn.reply(&ServerMessage::Welcome {
@@ -179,12 +209,19 @@ fn choose_route<'a>(
     cfg: &crate::config::Config,
 ) -> Result<(Route, Option<&'a str>), Refusal> {
     if u.path == cfg.ws_path {
-        if u.protocols.is_empty() {
+        // A subprotocol carrying the access token is never selected, nor shown in a refusal.
+        let offered: Vec<&str> = u
+            .protocols
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !p.starts_with(access::BEARER_SUBPROTOCOL))
+            .collect();
+        if offered.is_empty() {
             return Ok((Route::Push, None));
         }
-        return match u.protocols.iter().any(|p| p == SUBPROTOCOL) {
+        return match offered.contains(&SUBPROTOCOL) {
             true => Ok((Route::Push, Some(SUBPROTOCOL))),
-            false => Err(Refusal::UnsupportedSubprotocol(u.protocols.join(", "))),
+            false => Err(Refusal::UnsupportedSubprotocol(offered.join(", "))),
         };
     }
     if cfg.echo_path.as_deref() == Some(u.path.as_str()) {
@@ -203,6 +240,43 @@ async fn refuse(stream: &mut TcpStream, peer: SocketAddr, shared: &Shared, refus
     let response = refusal.response();
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
     let _ = stream.shutdown().await;
+}
+
+/// Closes a just-upgraded connection whose token was refused, with its close code and reason.
+async fn refuse_token(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    upgrade: &Upgrade,
+    e: &AccessError,
+) {
+    shared
+        .metrics
+        .auth_failures
+        .with_label_values(&[e.label()])
+        .inc();
+    let client = upgrade.forwarded_for.as_deref().unwrap_or("-");
+    tracing::debug!(%peer, client, reason = e.label(), error = %e, "access token refused");
+    let frame = frame::encode_close(e.close_code(), &e.to_string());
+    let cfg = &shared.config;
+    if tokio::time::timeout(cfg.close_timeout, stream.write_all(&frame))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        let _ = stream.shutdown().await;
+        let (rd, _wr) = stream.into_split();
+        linger(rd, cfg.close_timeout).await;
+    }
+}
+
+fn conn_subject(grant: &Grant) -> &str {
+    grant.subject.as_deref().unwrap_or("-")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Where the close handshake stands.
@@ -232,6 +306,10 @@ struct Connection {
     commands: Vec<Command>,
     consecutive_errors: u32,
     closing: Closing,
+    /// What the connection's token (or anonymous access) allows.
+    grant: Grant,
+    /// When the token expires: the connection is closed with 4402 then.
+    expires_at: Option<Instant>,
 }
 
 impl Connection {
@@ -281,6 +359,9 @@ impl Connection {
                     if let Some(sent) = awaiting_pong {
                         d = d.min(sent + cfg.pong_timeout);
                     }
+                    if let Some(expiry) = self.expires_at {
+                        d = d.min(expiry);
+                    }
                     d
                 }
             };
@@ -324,6 +405,11 @@ impl Connection {
                     let now = Instant::now();
                     match self.closing {
                         Closing::Sent { code, .. } => self.closing = Closing::Done { code: Some(code) },
+                        _ if self.expires_at.is_some_and(|e| now >= e) => {
+                            self.expires_at = None;
+                            self.shared.metrics.auth_failures.with_label_values(&["expired"]).inc();
+                            self.start_close(close::TOKEN_EXPIRED, "access token expired; reconnect with a new one");
+                        }
                         _ if now >= last_heard + cfg.idle_timeout => {
                             let reason = format!("no frame for {}", humantime::format_duration(cfg.idle_timeout));
                             self.start_close(close::IDLE_TIMEOUT, &reason);
@@ -423,6 +509,21 @@ impl Connection {
                 filter,
                 history,
             } => {
+                if !self.grant.allows(&filter) {
+                    let e = RequestError {
+                        id,
+                        code: ErrorCode::Forbidden,
+                        message: format!(
+                            "{} {:?} is not allowed for this connection's access token",
+                            match filter {
+                                Filter::Topic(_) => "topic",
+                                Filter::Prefix(_) => "prefix",
+                            },
+                            filter.text()
+                        ),
+                    };
+                    return self.request_failed(&e);
+                }
                 if self.filters.contains(&filter) {
                     if history.is_some() {
                         let e = RequestError {

@@ -25,7 +25,8 @@
 //!   herald names).
 //! - [`broadcast`]: one message's shared frames, deflated at most once per window size.
 //! - [`outbox`]: a connection's bounded outbound queue (slow consumers are closed, 4001).
-//! - [`conn`]: one connection's life: handshake, requests, writes, keepalive, close.
+//! - [`conn`]: one connection's life: handshake, requests, writes, keepalive, close;
+//!   [`access`]: who may connect (Origin, access tokens) and subscribe to what.
 //! - [`ws`]: the WebSocket codec (handshake, frames, reassembly, permessage-deflate).
 //! - [`report`]: the load report sent to herald every interval, and its reply (drain, peers).
 //! - [`drain`], [`admin`], [`metrics`], [`server`], [`config`]: running and operating it
@@ -36,6 +37,7 @@
 //! one pre-encoded (and pre-compressed) frame written as-is to many sockets. Handshake parsing
 //! uses `httparse`; compression `flate2`.
 
+pub mod access;
 pub mod admin;
 pub mod broadcast;
 pub mod config;

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// Upgrade requests refused, by reason.
     pub handshake_failures: IntCounterVec,
+    /// Connections closed for their access token (4401, 4402), by reason.
+    pub auth_failures: IntCounterVec,
     /// Connections that negotiated permessage-deflate.
     pub deflate_negotiated: IntCounter,
     /// Subscriptions held by clients.
@@ -226,6 +228,11 @@ impl Metrics {
                 "Upgrade requests refused, by reason",
                 &["reason"],
             ),
+            auth_failures: counter_vec(
+                "worker_auth_failures_total",
+                "Connections closed for their access token (4401 invalid, 4402 expired), by reason",
+                &["reason"],
+            ),
             deflate_negotiated: counter(
                 "worker_deflate_negotiated_total",
                 "Connections that negotiated permessage-deflate",
@@ -324,6 +331,7 @@ impl Metrics {
             protocol::process::preset(counter, values);
         }
         protocol::process::preset(&m.handshake_failures, crate::ws::handshake::Refusal::LABELS);
+        protocol::process::preset(&m.auth_failures, crate::access::AccessError::LABELS);
         m
     }
 

@@ -66,6 +66,9 @@ pub enum WorkerError {
         /// What herald would say.
         error: ReportError,
     },
+    /// An access-token key could not be loaded.
+    #[error(transparent)]
+    AccessKey(#[from] crate::access::KeyError),
 }
 
 /// State every connection and the admin port share.
@@ -86,6 +89,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Cancelled by `POST /drain`, or when herald's reply to a load report asks for a drain.
     pub drain_requested: CancellationToken,
+    /// Who may connect and subscribe to what.
+    pub access: crate::access::Access,
 }
 
 /// A running worker.
@@ -120,6 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 
 /// Starts a worker and returns once its ports are bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker, WorkerError> {
+    let access = crate::access::Access::load(config.access())?;
     let bind = |what, addr, backlog| {
         protocol::process::listen(addr, backlog).map_err(|source| WorkerError::Bind {
             what,
@@ -197,6 +203,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         next_connection_id: AtomicU64::new(0),
         draining: AtomicBool::new(false),
         drain_requested: CancellationToken::new(),
+        access,
     });
     tracing::info!(
         worker = %worker_id, ws = %ws_addr, admin = %admin_addr,
@@ -205,6 +212,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         peers = ?config.peers,
         "worker listening"
     );
+    if shared.access.enabled() {
+        tracing::info!(
+            keys = config.auth_keys.len(),
+            required = config.auth_required,
+            anonymous_topics = ?config.anonymous_topics.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            origins = ?config.allowed_origins,
+            "access tokens checked"
+        );
+    } else {
+        tracing::info!(origins = ?config.allowed_origins, "access control off: no --auth-key");
+    }
 
     // Fan-out and the publisher side. They stop when `stop` is cancelled at the very end.
     let stop = CancellationToken::new();

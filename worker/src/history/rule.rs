@@ -4,31 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Topics a rule covers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
-    /// Exactly this topic.
-    Exact(String),
-    /// Every topic starting with this (`match.*`; a lone `*` is every topic).
-    Prefix(String),
-}
-
-impl Pattern {
-    /// Whether `topic` is covered.
-    pub fn matches(&self, topic: &str) -> bool {
-        match self {
-            Pattern::Exact(t) => t == topic,
-            Pattern::Prefix(p) => topic.starts_with(p.as_str()),
-        }
-    }
-
-    /// The ZeroMQ subscription that receives every covered topic.
-    pub fn upstream_prefix(&self) -> &str {
-        match self {
-            Pattern::Exact(t) | Pattern::Prefix(t) => t,
-        }
-    }
-}
+/// Topics a rule covers (the same patterns as access control's).
+pub use protocol::client::TopicPattern as Pattern;
 
 /// How much history to keep for the topics of a pattern (each topic separately).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,21 +36,7 @@ impl FromStr for Rule {
         let mut parts = text.split(',').map(str::trim);
         let pattern = match parts.next().unwrap_or("") {
             "" => return Err(format!("history rule {text:?} has no topic pattern")),
-            p if p.ends_with('*') => {
-                let prefix = &p[..p.len() - 1];
-                if prefix.contains('*') {
-                    return Err(format!(
-                        "history pattern {p:?}: only a trailing * is allowed"
-                    ));
-                }
-                Pattern::Prefix(prefix.to_string())
-            }
-            p if p.contains('*') => {
-                return Err(format!(
-                    "history pattern {p:?}: only a trailing * is allowed"
-                ))
-            }
-            p => Pattern::Exact(p.to_string()),
+            p => Pattern::parse(p, "history")?,
         };
         let mut rule = Rule {
             pattern,
@@ -116,10 +79,7 @@ impl FromStr for Rule {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.pattern {
-            Pattern::Exact(t) => write!(f, "{t}")?,
-            Pattern::Prefix(p) => write!(f, "{p}*")?,
-        }
+        write!(f, "{}", self.pattern)?;
         write!(
             f,
             ",messages={},bytes={},age={}",

@@ -24,6 +24,8 @@ pub struct Upgrade {
     pub origin: Option<String>,
     /// `X-Forwarded-For`, when sent (by our proxy).
     pub forwarded_for: Option<String>,
+    /// `Authorization`, when sent (a bearer access token).
+    pub authorization: Option<String>,
 }
 
 /// Why an upgrade is refused; each has its HTTP status.
@@ -49,6 +51,8 @@ pub enum Refusal {
     Timeout,
     /// `max_connections` reached or draining (503).
     Unavailable(&'static str),
+    /// The `Origin` is not on the allowlist (403, RFC 6455 §10.2).
+    ForbiddenOrigin(String),
 }
 
 impl Refusal {
@@ -64,6 +68,7 @@ impl Refusal {
         "unsupported_subprotocol",
         "timeout",
         "unavailable",
+        "forbidden_origin",
     ];
 
     /// Label for the `worker_handshake_failures_total{reason}` metric.
@@ -79,6 +84,7 @@ impl Refusal {
             Refusal::UnsupportedSubprotocol(_) => "unsupported_subprotocol",
             Refusal::Timeout => "timeout",
             Refusal::Unavailable(_) => "unavailable",
+            Refusal::ForbiddenOrigin(_) => "forbidden_origin",
         }
     }
 
@@ -125,6 +131,11 @@ impl Refusal {
                 "503 Service Unavailable",
                 "Retry-After: 1\r\n",
                 format!("worker unavailable: {why}"),
+            ),
+            Refusal::ForbiddenOrigin(origin) => (
+                "403 Forbidden",
+                "",
+                format!("origin {origin:?} is not allowed"),
             ),
         };
         format!(
@@ -207,6 +218,7 @@ pub fn parse(buf: &[u8], max_bytes: usize) -> Result<Option<(Upgrade, usize)>, R
         extensions,
         origin: first("origin"),
         forwarded_for: first("x-forwarded-for"),
+        authorization: first("authorization"),
     };
     Ok(Some((upgrade, used)))
 }
