@@ -38,6 +38,11 @@
  *   stop for good (state `failed`); 1012 (the worker drains for a rollout or scale-in)
  *   reconnects after a short jitter and lands on another worker; everything else backs off
  *   with full jitter, which spreads a fleet's reconnects instead of synchronising them.
+ * - **Access tokens.** With `token` (a string, or a function returning one or a promise of
+ *   one), every socket offers it as the subprotocol `pushfleet.bearer.<token>` next to
+ *   `pushfleet.v1`. A function is called before each socket, so when the worker closes with
+ *   4402 (token expired) the client fetches a fresh token and reconnects after a short jitter;
+ *   4401 (token refused) and, with a fixed token, 4402 stop for good.
  * - **Liveness.** An app-level ping every `pingIntervalMs`; without the pong within
  *   `pongTimeoutMs` the client gives up on the socket itself (a dead TCP connection can stay
  *   "open" for minutes) and reconnects.
@@ -60,6 +65,9 @@
  *
  * @module pushfleet
  */
+
+/** Offered subprotocols starting with this carry the access token (never selected). */
+export const BEARER_PREFIX = 'pushfleet.bearer.';
 
 /** The subprotocol this client speaks. */
 export const SUBPROTOCOL = 'pushfleet.v1';
@@ -94,15 +102,17 @@ export function fullJitterDelay(attempt, baseMs, capMs, random = Math.random) {
  * What to do after the socket closed with `code`:
  *
  * - `'stop'`: retrying cannot help. 1002, 1003, 1007, 1008: the client broke the protocol;
- *   1009: it sent too much; 4400–4499: reserved for access control (authentication failed,
- *   forbidden, token expired) — never retry with the same credentials.
+ *   1009: it sent too much; 4400–4499: access control (4401 token missing or refused, and
+ *   codes yet to come) — never retry with the same credentials.
+ * - `'renew'`: 4402, the access token expired: reconnect after a short jitter with a new
+ *   token (the client does so when its `token` option is a function, and stops otherwise).
  * - `'soon'`: 1012, the worker is draining; reconnect after a short jitter and land on
  *   another worker.
  * - `'backoff'`: everything else (1000 we did not ask for, 1001 going away, 1006
  *   connection lost or never opened, 1011, 4001 slow consumer, 4002 idle, 4003 no pong, …).
  *
  * @param {number} code a WebSocket close code
- * @returns {'stop' | 'soon' | 'backoff'}
+ * @returns {'stop' | 'soon' | 'renew' | 'backoff'}
  */
 export function closeAction(code) {
   switch (code) {
@@ -114,6 +124,8 @@ export function closeAction(code) {
       return 'stop';
     case 1012:
       return 'soon';
+    case 4402:
+      return 'renew';
     default:
       return code >= 4400 && code <= 4499 ? 'stop' : 'backoff';
   }
@@ -122,6 +134,7 @@ export function closeAction(code) {
 /** Defaults of {@link PushfleetClient}'s options. */
 const DEFAULTS = Object.freeze({
   protocols: [SUBPROTOCOL],
+  token: undefined,
   baseDelayMs: 500,
   maxDelayMs: 30000,
   drainDelayMs: 1000,
@@ -166,6 +179,7 @@ export class PushfleetClient extends EventTarget {
   #pingTimer = null;
   #pongTimer = null;
   #pingId = null;
+  #tokenGeneration = 0;
 
   #stats = { connects: 0, reconnects: 0, messages: 0, replayed: 0, duplicates: 0, unexpectedGaps: 0 };
 
@@ -174,6 +188,8 @@ export class PushfleetClient extends EventTarget {
    *   is resolved against the page's location)
    * @param {object} [options]
    * @param {string | string[]} [options.protocols=['pushfleet.v1']] subprotocols offered
+   * @param {string | (() => string | Promise<string>)} [options.token] access token, or a
+   *   function called before every socket for a fresh one
    * @param {number} [options.baseDelayMs=500] backoff window of the first retry
    * @param {number} [options.maxDelayMs=30000] largest backoff window
    * @param {number} [options.drainDelayMs=1000] jitter window after 1012 (worker draining)
@@ -312,9 +328,38 @@ export class PushfleetClient extends EventTarget {
   // --- socket life: open → welcome → frames → close, then decide --------------------------
 
   #openSocket() {
+    const token = this.#opts.token;
+    if (token === undefined) {
+      this.#openWith(this.#opts.protocols);
+      return;
+    }
+    // One token request at a time; close() or a new connect() meanwhile makes it stale.
+    const generation = ++this.#tokenGeneration;
+    const stale = () => generation !== this.#tokenGeneration || this.#state === 'closed';
+    const failed = (why) => {
+      if (!stale()) this.#onClosed(1006, `no access token: ${why}`);
+    };
+    let pending;
+    try {
+      pending = typeof token === 'function' ? token() : token;
+    } catch (err) {
+      failed(err?.message ?? String(err));
+      return;
+    }
+    Promise.resolve(pending).then((value) => {
+      if (stale()) return;
+      if (typeof value !== 'string' || value === '' || /[^A-Za-z0-9._~+/=-]/.test(value)) {
+        failed('the token option gave no token (a non-empty string of JWT characters)');
+        return;
+      }
+      this.#openWith([...this.#opts.protocols, BEARER_PREFIX + value]);
+    }, (err) => failed(err?.message ?? String(err)));
+  }
+
+  #openWith(protocols) {
     let ws;
     try {
-      ws = new this.#opts.WebSocket(this.#url, this.#opts.protocols);
+      ws = new this.#opts.WebSocket(this.#url, protocols);
     } catch (err) {
       // The URL was checked up front, so this is the environment refusing (e.g. a CSP).
       this.#onClosed(1006, `cannot open: ${err?.message ?? err}`);
@@ -536,7 +581,8 @@ export class PushfleetClient extends EventTarget {
 
   /** The socket is gone (already detached): report it and decide what comes next. */
   #onClosed(code, reason) {
-    const action = closeAction(code);
+    let action = closeAction(code);
+    if (action === 'renew' && typeof this.#opts.token !== 'function') action = 'stop';
     this.#emit('closed', { code, reason, action });
     // A listener may have called close() or connect(); that decision wins.
     if (this.#ws || this.#state === 'closed' || this.#retryTimer) return;
@@ -545,7 +591,7 @@ export class PushfleetClient extends EventTarget {
       return;
     }
     let delayMs;
-    if (action === 'soon') {
+    if (action === 'soon' || action === 'renew') {
       delayMs = this.#opts.random() * this.#opts.drainDelayMs;
     } else {
       // The counter was reset if the connection stayed up stableAfterMs; otherwise this is one
@@ -673,6 +719,10 @@ function validateOptions(options) {
     throw new TypeError('options.protocols must be a non-empty string or an array of them');
   }
   opts.protocols = [...protocols];
+  if (opts.token !== undefined && typeof opts.token !== 'function' &&
+      (typeof opts.token !== 'string' || opts.token === '')) {
+    throw new TypeError('options.token must be a non-empty string or a function returning one');
+  }
 
   opts.WebSocket ??= globalThis.WebSocket;
   if (typeof opts.WebSocket !== 'function') {

@@ -131,6 +131,7 @@ test('closeAction: stop what a retry cannot fix, soon after a drain, back off ot
     assert.equal(closeAction(code), 'stop', `code ${code}`);
   }
   assert.equal(closeAction(1012), 'soon');
+  assert.equal(closeAction(4402), 'renew');
   for (const code of [1000, 1001, 1005, 1006, 1011, 1013, 4000, 4001, 4002, 4003, 4399, 4500]) {
     assert.equal(closeAction(code), 'backoff', `code ${code}`);
   }
@@ -145,6 +146,8 @@ test('bad options are refused with a TypeError naming them', () => {
   assert.throws(make({ pongTimeoutMs: 2 ** 40 }), { name: 'TypeError', message: /pongTimeoutMs/ });
   assert.throws(make({ protocols: [42] }), { name: 'TypeError', message: /protocols/ });
   assert.throws(make({ random: 0.5 }), { name: 'TypeError', message: /random/ });
+  assert.throws(make({ token: 42 }), { name: 'TypeError', message: /token/ });
+  assert.throws(make({ token: '' }), { name: 'TypeError', message: /token/ });
   assert.throws(make({ pingInterval: 1000 }), { name: 'TypeError', message: /pingInterval/ });
   if (!globalThis.WebSocket) {
     // Node 20 has no global WebSocket: the default cannot work, and the error says what to do.
@@ -366,6 +369,65 @@ test('stop codes fail for good and never reconnect', async () => {
     assert.equal(sockets.length, 1, `close code ${code} must not reconnect`);
     client.close();
   }
+});
+
+test('a token function is asked before every socket; 4402 renews it, 4401 stops', async () => {
+  const issued = [];
+  const token = async () => {
+    await sleep(1);
+    issued.push(`tok.en.${issued.length + 1}`);
+    return issued.at(-1);
+  };
+  const { client, events, sockets, socket } = setup({ token });
+  client.subscribe('match.1');
+  client.connect();
+  const ws1 = await socket(1);
+  assert.deepEqual(ws1.protocols, ['pushfleet.v1', 'pushfleet.bearer.tok.en.1']);
+  ws1.accept();
+  ws1.drop(4402, 'access token expired');
+  assert.equal(events.closed.at(-1).action, 'renew');
+  const ws2 = await socket(2);
+  assert.deepEqual(ws2.protocols, ['pushfleet.v1', 'pushfleet.bearer.tok.en.2']);
+  ws2.accept();
+  assert.equal(ws2.requests('subscribe').length, 1, 'subscriptions come back with the new token');
+  ws2.drop(4401, 'the access token is malformed');
+  assert.equal(client.state, 'failed');
+  await sleep(40);
+  assert.equal(sockets.length, 2);
+  assert.equal(issued.length, 2);
+  client.close();
+});
+
+test('a fixed token is offered as is, and its expiry (4402) stops the client', async () => {
+  const { client, events, sockets, socket } = setup({ token: 'a.b.c' });
+  client.connect();
+  const ws = await socket(1);
+  assert.deepEqual(ws.protocols, ['pushfleet.v1', 'pushfleet.bearer.a.b.c']);
+  ws.accept();
+  ws.drop(4402, 'access token expired');
+  assert.equal(events.closed.at(-1).action, 'stop');
+  assert.equal(client.state, 'failed');
+  await sleep(40);
+  assert.equal(sockets.length, 1);
+  client.close();
+});
+
+test('a token function that fails or gives no token backs off without opening a socket', async () => {
+  let calls = 0;
+  const { client, events, sockets } = setup({
+    token: () => {
+      calls += 1;
+      if (calls === 1) throw new Error('auth server down');
+      return calls === 2 ? '' : 'x.y.z';
+    },
+  });
+  client.connect();
+  await waitFor(() => sockets.length === 1, 'a socket once the token came');
+  assert.equal(events.closed[0].code, 1006);
+  assert.match(events.closed[0].reason, /auth server down/);
+  assert.match(events.closed[1].reason, /gave no token/);
+  assert.deepEqual(sockets[0].protocols, ['pushfleet.v1', 'pushfleet.bearer.x.y.z']);
+  client.close();
 });
 
 test('1012 (worker draining) reconnects within drainDelayMs, without growing the backoff', async () => {
