@@ -252,6 +252,32 @@ pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpLi
     socket.listen(backlog)
 }
 
+/// A port that could not be bound.
+#[derive(Debug)]
+pub struct BindError {
+    /// Which port: "client" or "admin".
+    pub what: &'static str,
+    /// The configured address.
+    pub addr: std::net::SocketAddr,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
+/// Binds a server's client port, queueing `backlog` pending connections, and its admin port.
+pub fn listen_client_and_admin(
+    client: std::net::SocketAddr,
+    backlog: u32,
+    admin: std::net::SocketAddr,
+) -> Result<(TcpListener, TcpListener), BindError> {
+    let bind = |what, addr, backlog| {
+        listen(addr, backlog).map_err(|source| BindError { what, addr, source })
+    };
+    Ok((
+        bind("client", client, backlog)?,
+        bind("admin", admin, ADMIN_BACKLOG)?,
+    ))
+}
+
 /// Descriptors a server needs beyond its connections: listeners, log, peers, herald, ZeroMQ.
 pub const SPARE_OPEN_FILES: u64 = 64;
 

@@ -139,19 +139,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Proxy,
         ),
         _ => None,
     };
-    let bind = |what, addr, backlog| {
-        protocol::process::listen(addr, backlog).map_err(|source| ProxyError::Bind {
-            what,
-            addr,
-            source,
-        })
-    };
-    let listener = bind("client", config.listen, config.listen_backlog)?;
-    let admin_listener = bind(
-        "admin",
+    let (listener, admin_listener) = protocol::process::listen_client_and_admin(
+        config.listen,
+        config.listen_backlog,
         config.admin_listen,
-        protocol::process::ADMIN_BACKLOG,
-    )?;
+    )
+    .map_err(|e| ProxyError::Bind {
+        what: e.what,
+        addr: e.addr,
+        source: e.source,
+    })?;
     let ws_addr = listener.local_addr().expect("bound");
     let admin_addr = admin_listener.local_addr().expect("bound");
     if let Some(path) = &config.announce_file {

@@ -207,6 +207,22 @@ def plot_bars(out: Path, name: str, panels: list[tuple[str, str, float]], result
 # S3: memory per relayed connection
 
 
+def each_proxy(repeats: int, work: Path, once) -> dict:
+    """`once(kind, workers, i)` for each proxy in each repeat (fresh workers per repeat, the
+    proxies' order alternating), with the driver itself on the clients' CPU."""
+    results: dict = {k: [] for k in PROXIES}
+    with on_client_cpu():
+        for i in range(repeats):
+            workers = start_workers(work)
+            try:
+                for kind in order(i):
+                    results[kind].append(once(kind, [w.ws for w in workers], i))
+            finally:
+                for w in workers:
+                    w.stop()
+    return results
+
+
 class ProxyMemory:
     """S3 at the edge: RSS per idle relayed connection, our proxy against HAProxy."""
 
@@ -221,24 +237,15 @@ class ProxyMemory:
 
     @staticmethod
     def run(args, work: Path) -> dict:
-        results: dict = {k: [] for k in PROXIES}
-        with on_client_cpu():
-            for i in range(args.repeats):
-                workers = start_workers(work)
-                try:
-                    for kind in order(i):
-                        log(f"S3 proxy memory: {kind}, run {i + 1}/{args.repeats}, "
-                            f"{args.relayed_connections:,} connections")
-                        r = ProxyMemory.once(kind, [w.ws for w in workers],
-                                             args.relayed_connections, args.relayed_hold,
-                                             work, i)
-                        results[kind].append(r)
-                        log(f"  {r['kib_per_connection']:.1f} KiB per relayed connection "
-                            f"({r['connected']:,} connected, {r['failed']} failed)")
-                finally:
-                    for w in workers:
-                        w.stop()
-        return results
+        def once(kind: str, workers: list[str], i: int) -> dict:
+            log(f"S3 proxy memory: {kind}, run {i + 1}/{args.repeats}, "
+                f"{args.relayed_connections:,} connections")
+            r = ProxyMemory.once(kind, workers, args.relayed_connections, args.relayed_hold,
+                                 work, i)
+            log(f"  {r['kib_per_connection']:.1f} KiB per relayed connection "
+                f"({r['connected']:,} connected, {r['failed']} failed)")
+            return r
+        return each_proxy(args.repeats, work, once)
 
     @staticmethod
     def once(kind: str, workers: list[str], clients: int, hold: int, work: Path,
@@ -339,26 +346,18 @@ class Burst:
 
     @staticmethod
     def run(args, work: Path) -> dict:
-        results: dict = {k: [] for k in PROXIES}
-        with on_client_cpu():
-            for i in range(args.repeats):
-                workers = start_workers(work)
-                try:
-                    for kind in order(i):
-                        log(f"S4 burst: {kind}, run {i + 1}/{args.repeats}, "
-                            f"{args.burst_clients:,} connections")
-                        r = Burst.once(kind, [w.ws for w in workers], args, work, i)
-                        results[kind].append(r)
-                        cpu = r["cpu_ms_per_1000_open"]
-                        log(f"  {r['connections_per_s']:,.0f} connections/s, handshake p99 "
-                            f"{r['handshake_p99_us'] / 1000:.1f} ms, "
-                            f"{'—' if cpu is None else f'{cpu:.0f}'} ms CPU per 1,000 "
-                            f"({r['connected']:,} connected, {r['failed']} failed, "
-                            f"{r['listen_overflows']} listen queue overflows)")
-                finally:
-                    for w in workers:
-                        w.stop()
-        return results
+        def once(kind: str, workers: list[str], i: int) -> dict:
+            log(f"S4 burst: {kind}, run {i + 1}/{args.repeats}, "
+                f"{args.burst_clients:,} connections")
+            r = Burst.once(kind, workers, args, work, i)
+            cpu = r["cpu_ms_per_1000_open"]
+            log(f"  {r['connections_per_s']:,.0f} connections/s, handshake p99 "
+                f"{r['handshake_p99_us'] / 1000:.1f} ms, "
+                f"{'—' if cpu is None else f'{cpu:.0f}'} ms CPU per 1,000 "
+                f"({r['connected']:,} connected, {r['failed']} failed, "
+                f"{r['listen_overflows']} listen queue overflows)")
+            return r
+        return each_proxy(args.repeats, work, once)
 
     @staticmethod
     def once(kind: str, workers: list[str], args, work: Path, i: int) -> dict:

@@ -126,19 +126,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 /// Starts a worker and returns once its ports are bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker, WorkerError> {
     let access = crate::access::Access::load(config.access())?;
-    let bind = |what, addr, backlog| {
-        protocol::process::listen(addr, backlog).map_err(|source| WorkerError::Bind {
-            what,
-            addr,
-            source,
-        })
-    };
-    let listener = bind("client", config.listen, config.listen_backlog)?;
-    let admin_listener = bind(
-        "admin",
+    let (listener, admin_listener) = protocol::process::listen_client_and_admin(
+        config.listen,
+        config.listen_backlog,
         config.admin_listen,
-        protocol::process::ADMIN_BACKLOG,
-    )?;
+    )
+    .map_err(|e| WorkerError::Bind {
+        what: e.what,
+        addr: e.addr,
+        source: e.source,
+    })?;
     let ws_addr = listener.local_addr().expect("bound");
     let admin_addr = admin_listener.local_addr().expect("bound");
     let worker_id = config.worker_id();
