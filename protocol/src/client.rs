@@ -253,23 +253,58 @@ pub struct RequestError {
     pub message: String,
 }
 
-#[derive(Deserialize)]
+/// A request's fields, each still JSON: read one by one so that a field of the wrong type is
+/// a `bad_request` that keeps the request's `id`, not a parse failure of the whole text.
 struct RawRequest {
-    op: Option<String>,
+    op: Option<serde_json::Value>,
     id: Option<serde_json::Value>,
-    topic: Option<String>,
-    prefix: Option<String>,
+    topic: Option<serde_json::Value>,
+    prefix: Option<serde_json::Value>,
     since: Option<serde_json::Value>,
     last: Option<serde_json::Value>,
 }
 
+impl RawRequest {
+    fn read(text: &str) -> Result<Self, RequestError> {
+        let not_object = |message: String| RequestError {
+            id: None,
+            code: ErrorCode::BadJson,
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| not_object(format!("request is not a JSON object: {e}")))?;
+        let serde_json::Value::Object(mut map) = value else {
+            return Err(not_object(format!(
+                "request is not a JSON object but {}",
+                json_kind(&value)
+            )));
+        };
+        Ok(RawRequest {
+            op: map.remove("op"),
+            id: map.remove("id"),
+            topic: map.remove("topic"),
+            prefix: map.remove("prefix"),
+            since: map.remove("since"),
+            last: map.remove("last"),
+        })
+    }
+}
+
+/// "a number", "an array", ...: for error messages about a JSON value of the wrong type.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 /// Parses and validates one text message from a client. `topic_limit` is `max_topic_bytes`.
 pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestError> {
-    let raw: RawRequest = serde_json::from_str(text).map_err(|e| RequestError {
-        id: None,
-        code: ErrorCode::BadJson,
-        message: format!("request is not a JSON object: {e}"),
-    })?;
+    let raw = RawRequest::read(text)?;
     let fail = |id, code, message: String| RequestError { id, code, message };
     let id = match raw.id {
         None | Some(serde_json::Value::Null) => None,
@@ -282,11 +317,32 @@ pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestE
             ))
         }
     };
-    let Some(op) = raw.op else {
-        return Err(fail(id, ErrorCode::UnknownOp, "missing \"op\"".into()));
+    let op = match raw.op {
+        None | Some(serde_json::Value::Null) => {
+            return Err(fail(id, ErrorCode::UnknownOp, "missing \"op\"".into()))
+        }
+        Some(serde_json::Value::String(op)) => op,
+        Some(other) => {
+            return Err(fail(
+                id,
+                ErrorCode::BadRequest,
+                format!("\"op\" must be a string, not {}", json_kind(&other)),
+            ))
+        }
+    };
+    let text_field = |name: &str, value: &Option<serde_json::Value>| match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(fail(
+            id,
+            ErrorCode::BadRequest,
+            format!("\"{name}\" must be a string, not {}", json_kind(other)),
+        )),
     };
     let filter = || -> Result<Filter, RequestError> {
-        let filter = match (raw.topic.clone(), raw.prefix.clone()) {
+        let topic = text_field("topic", &raw.topic)?;
+        let prefix = text_field("prefix", &raw.prefix)?;
+        let filter = match (topic, prefix) {
             (Some(t), None) => Filter::Topic(t),
             (None, Some(p)) => Filter::Prefix(p),
             _ => {
@@ -337,7 +393,7 @@ pub fn parse_request(text: &str, topic_limit: usize) -> Result<Request, RequestE
         if since.is_none() && last.is_none() {
             return Ok(None);
         }
-        if raw.prefix.is_some() {
+        if !matches!(raw.prefix, None | Some(serde_json::Value::Null)) {
             return Err(bad(
                 "history (\"since\"/\"last\") is per topic; use \"topic\", not \"prefix\"".into(),
             ));
@@ -638,6 +694,36 @@ mod tests {
         let e = parse_request(r#"{"op":"nope","id":5}"#, 16).unwrap_err();
         assert_eq!(e.id, Some(5));
         assert!(e.message.contains("nope"));
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_are_bad_requests_that_keep_the_id() {
+        for (text, field) in [
+            (r#"{"op":"subscribe","id":1,"topic":5}"#, "topic"),
+            (r#"{"op":"subscribe","id":1,"prefix":["m."]}"#, "prefix"),
+            (
+                r#"{"op":"unsubscribe","id":1,"topic":{"name":"a"}}"#,
+                "topic",
+            ),
+            (r#"{"op":7,"id":1}"#, "op"),
+            (r#"{"op":true,"id":1,"topic":"a"}"#, "op"),
+        ] {
+            let e = parse_request(text, 16).unwrap_err();
+            assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(1)), "{text}");
+            assert!(e.message.contains(field), "{text}: {}", e.message);
+        }
+        let e = parse_request("\"subscribe\"", 16).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadJson);
+        assert!(e.message.contains("a string"), "{}", e.message);
+        // null is the field's absence, as before.
+        assert_eq!(
+            parse_request(r#"{"op":"subscribe","topic":"a","prefix":null}"#, 16).unwrap(),
+            Request::Subscribe {
+                id: None,
+                filter: Filter::Topic("a".into()),
+                history: None
+            }
+        );
     }
 
     #[test]

@@ -336,6 +336,7 @@ mod tests {
             Refusal::UnsupportedSubprotocol(String::new()),
             Refusal::Timeout,
             Refusal::Unavailable("full"),
+            Refusal::ForbiddenOrigin(String::new()),
         ];
         let labels: Vec<&str> = all.iter().map(Refusal::label).collect();
         assert_eq!(labels, Refusal::LABELS);
