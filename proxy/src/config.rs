@@ -77,9 +77,9 @@ pub struct Config {
     #[arg(long, env = "PROXY_IDLE_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Relay buffer per direction per connection, in bytes: the most read from one side before
-    /// it is written to the other. WebSocket frames here are small, and every open connection
-    /// holds two of these.
+    /// Most bytes read from one side of a relayed connection at a time, and so the most kept
+    /// for a side that is slower than the other. Reads go into a scratch buffer per thread; a
+    /// connection holds a buffer of its own only while its receiver lags.
     #[arg(long, env = "PROXY_RELAY_BUFFER_BYTES", default_value_t = 4 * 1024,
           value_parser = clap::value_parser!(u32).range(512..=1_048_576))]
     pub relay_buffer_bytes: u32,

@@ -2,9 +2,12 @@
 //! closed (a half-close is passed on: the other direction keeps flowing), either side fails,
 //! nothing moves for the idle timeout, or the proxy closes it at the end of a drain.
 //!
-//! Nothing after the upgrade is parsed: frames (compressed or not) pass byte for byte. Each
-//! direction has one fixed buffer of `buffer_bytes`, allocated once per connection; that and
-//! the two sockets are what an open connection costs.
+//! Nothing after the upgrade is parsed: frames (compressed or not) pass byte for byte. Reads go
+//! into one scratch buffer per runtime thread (at most `buffer_bytes` at a time) and are written
+//! on at once; only bytes the other side cannot take yet are kept, in a buffer of that
+//! connection's, freed once they are written. So an idle connection, or one whose reader keeps
+//! up, costs its task and its two sockets and no buffer: most of a fleet's connections, most of
+//! the time. (`tokio::io::copy_bidirectional` holds two buffers for the connection's life.)
 
 use prometheus::IntCounter;
 use std::io;
@@ -19,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// How relays behave.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
-    /// Buffer per direction, bytes.
+    /// Most bytes read from one side at a time, and so most kept for a side that is slow.
     pub buffer_bytes: usize,
     /// Close after this long with no byte either way; `None`: never.
     pub idle_timeout: Option<Duration>,
@@ -83,11 +86,20 @@ where
     let activity = Activity::new();
     let mut client = Metered::new(client, &counters.to_worker, &activity);
     let mut worker = Metered::new(worker, &counters.to_client, &activity);
-    let size = settings.buffer_bytes;
-    let end = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut worker, size, size) => {
-            r.map_or_else(End::Failed, |_| End::Closed)
+    let size = settings.buffer_bytes.max(1);
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let both = std::future::poll_fn(|cx| {
+        let a = up.poll(cx, &mut client, &mut worker, size)?;
+        let b = down.poll(cx, &mut worker, &mut client, size)?;
+        if a.is_ready() && b.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
         }
+    });
+    let end = tokio::select! {
+        r = both => r.map_or_else(End::Failed, |_| End::Closed),
         _ = activity.idle(settings.idle_timeout) => End::Idle,
         _ = stop.cancelled() => End::Stopped,
     };
@@ -96,6 +108,112 @@ where
         to_client: worker.read,
     };
     (end, moved)
+}
+
+thread_local! {
+    /// Where every relay on this thread reads: bytes stay in it only within one poll.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One direction of a relay: what was read and not yet written, and how far it got.
+#[derive(Default)]
+struct Direction {
+    /// Bytes the writer has not taken yet; empty (and unallocated) while it keeps up.
+    held: Vec<u8>,
+    /// How much of `held` is written.
+    at: usize,
+    /// Something was written since the last flush.
+    unflushed: bool,
+    /// The reader reached its end.
+    eof: bool,
+    /// The writer's sending half is shut after that end: this direction is done.
+    done: bool,
+}
+
+impl Direction {
+    /// Moves bytes from `from` to `to` until one of them has to wait (Pending) or this
+    /// direction is done: `from` ended and `to` was shut down (Ready).
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+        size: usize,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.at < self.held.len() {
+                let n =
+                    std::task::ready!(Pin::new(&mut *to).poll_write(cx, &self.held[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.unflushed = true;
+                self.at += n;
+                if self.at == self.held.len() {
+                    self.held = Vec::new();
+                    self.at = 0;
+                }
+                continue;
+            }
+            if self.eof {
+                std::task::ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                if scratch.len() < size {
+                    scratch.resize(size, 0);
+                }
+                let mut buf = ReadBuf::new(&mut scratch[..size]);
+                match Pin::new(&mut *from).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                        // Straight on to the writer; only what it does not take is kept.
+                        let written = match Pin::new(&mut *to).poll_write(cx, &scratch[..n]) {
+                            Poll::Ready(Ok(0)) => {
+                                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                            }
+                            Poll::Ready(Ok(w)) => w,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => 0,
+                        };
+                        if written > 0 {
+                            self.unflushed = true;
+                        }
+                        if written < n {
+                            self.held.extend_from_slice(&scratch[written..n]);
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            });
+            match read {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Nothing more to read for now: push out what the writer buffers.
+                    if self.unflushed {
+                        std::task::ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 /// When bytes last moved, in milliseconds since the relay started (an atomic so both
@@ -243,6 +361,54 @@ mod tests {
             }
         );
         assert_eq!((c.to_worker.get(), c.to_client.get()), (5000, 3000));
+    }
+
+    /// Sides that take a few bytes at a time: what they cannot take yet is kept and follows in
+    /// order, both directions at once.
+    #[tokio::test]
+    async fn a_slow_side_gets_every_byte_in_order() {
+        let (client, mut client_end) = tokio::io::duplex(97);
+        let (worker, mut worker_end) = tokio::io::duplex(61);
+        let stop = CancellationToken::new();
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client_end,
+                &mut worker_end,
+                &settings(None),
+                &counters(),
+                &stop,
+            )
+            .await
+        });
+        let up: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let down: Vec<u8> = (0..80_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        let side = |mut s: tokio::io::DuplexStream, send: Vec<u8>| async move {
+            let (mut rd, mut wr) = tokio::io::split(&mut s);
+            let (sent, got) = tokio::join!(
+                async {
+                    wr.write_all(&send).await?;
+                    wr.shutdown().await
+                },
+                async {
+                    let mut got = Vec::new();
+                    rd.read_to_end(&mut got).await.map(|_| got)
+                }
+            );
+            sent.map(|_| got.unwrap())
+        };
+        let (at_worker, at_client) =
+            tokio::join!(side(worker, down.clone()), side(client, up.clone()));
+        assert!(at_worker.unwrap() == up, "client to worker differs");
+        assert!(at_client.unwrap() == down, "worker to client differs");
+        let (end, moved) = relay.await.unwrap();
+        assert!(matches!(end, End::Closed), "{end:?}");
+        assert_eq!(
+            moved,
+            Moved {
+                to_worker: 100_000,
+                to_client: 80_000
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

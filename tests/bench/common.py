@@ -5,6 +5,7 @@ CPU and memory, the load generator's path, and medians with their spread."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import statistics
@@ -27,10 +28,35 @@ def log(msg: str) -> None:
     print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the kernel's ephemeral range. A port the kernel picks (bind to 0)
+    is an ephemeral one, and the load generators' thousands of client sockets take ephemeral
+    ports too: a server or publisher binding a moment later can find its port taken by a
+    client (EADDRINUSE). Never the same port twice in one run: a port handed out may not be
+    bound yet."""
+    lo, hi = ephemeral_range()
+    candidates = [p for p in range(10_000, 65_536) if not lo <= p <= hi and p not in _GIVEN]
+    random.shuffle(candidates)
+    for port in candidates[:2000]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port outside the ephemeral range {lo}-{hi}")
 
 
 def wait_port(port: int, timeout: float, what: str, proc: "Proc | None" = None) -> None:

@@ -300,8 +300,9 @@ class ProxyMemory:
                  f"{CLIENT_CPU}. RSS (/proc) while they are held minus RSS before, over the "
                  "connections made (kernel socket buffers are not in RSS; both hold the "
                  "same two sockets per connection). HAProxy: one process, `nbthread 1`, "
-                 "`leastconn`; our proxy: static worker list, 4 KiB relay buffers per "
-                 "direction (default).", "",
+                 "`leastconn`; our proxy: static worker list, default relay settings (reads "
+                 "of up to 4 KiB into a scratch buffer per thread, a buffer per connection "
+                 "only while a side lags).", "",
                  "| proxy | connected | failed | RSS before MiB | RSS loaded MiB | "
                  "KiB per relayed connection |", "| --- | --- | --- | --- | --- | --- |"]
         for kind in PROXIES:

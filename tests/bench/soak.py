@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CLIENT_CPU, SERVER_CPU, Proc, free_port, loadgen, log, rss_kib,  # noqa: E402
-                    start_fleet_worker, start_proxy)
+from common import (CLIENT_CPU, SERVER_CPU, Proc, free_port, loadgen, log,  # noqa: E402
+                    process_cpu_seconds, rss_kib, start_fleet_worker, start_proxy)
 
 
 def open_files(pid: int) -> int:
@@ -58,6 +58,7 @@ def snapshot(worker: Proc, proxy: Proc) -> dict:
     return {
         "t": time.monotonic(),
         "worker": {"rss_kib": rss_kib([worker.pid]), "fds": open_files(worker.pid),
+                   "cpu_s": process_cpu_seconds(worker.pid),
                    "threads": threads(worker.pid),
                    "connections": metric(worker.admin, "worker_connections"),
                    "subscriptions": metric(worker.admin, "worker_subscriptions")},
@@ -67,9 +68,13 @@ def snapshot(worker: Proc, proxy: Proc) -> dict:
     }
 
 
-def line(s: dict, started: float) -> str:
+def line(s: dict, started: float, prev: dict | None = None) -> str:
     w, p = s["worker"], s["proxy"]
-    return (f"{s['t'] - started:7.0f}s  worker rss {w['rss_kib'] / 1024:7.1f} MiB fds "
+    cores = ""
+    if prev is not None and s["t"] > prev["t"]:
+        used = (w["cpu_s"] - prev["worker"]["cpu_s"]) / (s["t"] - prev["t"])
+        cores = f" cpu {used:4.2f}"
+    return (f"{s['t'] - started:7.0f}s  worker{cores} rss {w['rss_kib'] / 1024:7.1f} MiB fds "
             f"{w['fds']:6} threads {w['threads']:3} conns {w['connections']:6.0f} subs "
             f"{w['subscriptions']:6.0f} | proxy rss {p['rss_kib'] / 1024:7.1f} MiB fds "
             f"{p['fds']:6} threads {p['threads']:3} conns {p['connections']:6.0f}")
@@ -131,8 +136,8 @@ def main() -> int:
                     continue
                 next_sample += args.every
                 s = snapshot(worker, proxy)
+                log(line(s, started, samples[-1] if samples else before))
                 samples.append(s)
-                log(line(s, started))
                 if baseline is None and s["t"] >= started + ramp_s + args.warmup:
                     baseline = s
                     log("baseline taken (load settled)")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import balance  # noqa: E402
 import edge  # noqa: E402
 import fanout  # noqa: E402
+import headlines  # noqa: E402
 import memory  # noqa: E402
 from common import CLIENT_CPU, RELEASE, SERVER_CPU, log  # noqa: E402
 
@@ -89,6 +90,7 @@ def write_report(args, chosen: list[str], results: dict) -> None:
              f"(`taskset`); {args.repeats} repeat(s) per figure, median with the spread "
              "(min–max) in brackets. Loopback only.", "",
              "Command: `bash tests/bench/run.sh " + " ".join(sys.argv[1:]) + "`", ""]
+    lines += headlines.lines(results)
     for name in chosen:
         if name in results:
             lines += SCENARIOS[name].report(args.out, args, results[name])

@@ -184,7 +184,8 @@ struct PublishArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Several rates one after the other, `RATE:DURATION,...` (e.g. `100:10s,200:10s`), from
-    /// one publisher (one epoch); each step's start and end go to stdout as a JSON line.
+    /// one publisher (one epoch); each step's start and end, and how many of its messages
+    /// went out within its duration, go to stdout as a JSON line.
     #[arg(long, value_parser = parse_steps, conflicts_with = "rate")]
     steps: Option<Steps>,
     /// Wait this long first (subscribers joining a ZeroMQ publisher).
@@ -1000,10 +1001,10 @@ async fn publish(a: PublishArgs) -> Result<()> {
     for (i, (rate, duration)) in steps.iter().enumerate() {
         let started_unix = now_us() as f64 / 1e6;
         let n = (rate * duration.as_secs_f64()).round() as u64;
-        let late = feed.step(&mut sink, *rate, n).await?;
+        let (sent, late) = feed.step(&mut sink, *rate, n, *duration).await?;
         println!(
             "{}",
-            serde_json::json!({"step": i, "rate": rate, "messages": n,
+            serde_json::json!({"step": i, "rate": rate, "messages": n, "sent": sent,
                 "start_unix": started_unix, "end_unix": now_us() as f64 / 1e6,
                 "max_late_us": late.as_micros() as u64})
         );
@@ -1023,14 +1024,27 @@ struct Feed {
 }
 
 impl Feed {
-    /// Publishes `n` messages at `rate`; returns how late the worst one was.
-    async fn step(&mut self, sink: &mut Sink, rate: f64, n: u64) -> Result<Duration> {
+    /// Publishes `n` messages at `rate`, for at most `duration`: a server that takes each
+    /// message slower than the rate (an HTTP publish that answers after delivering) gets fewer,
+    /// and the step still ends on time. Returns how many were sent and how late the worst was.
+    async fn step(
+        &mut self,
+        sink: &mut Sink,
+        rate: f64,
+        n: u64,
+        duration: Duration,
+    ) -> Result<(u64, Duration)> {
         let start = Instant::now();
+        let deadline = start + duration;
         let mut late = Duration::ZERO;
         let mut next_report = start + Duration::from_secs(1);
+        let mut sent = 0;
         for k in 0..n {
             let due = start + Duration::from_secs_f64(k as f64 / rate);
             let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
             if due > now {
                 tokio::time::sleep_until(due.into()).await;
             } else {
@@ -1051,6 +1065,7 @@ impl Feed {
             );
             self.seq[t] += 1;
             sink.send(&format!("t.{t}"), &body).await?;
+            sent += 1;
             if Instant::now() >= next_report {
                 next_report += Duration::from_secs(1);
                 eprintln!(
@@ -1062,15 +1077,16 @@ impl Feed {
             }
         }
         eprintln!(
-            "[publish] {rate}/s done: {} messages over {} topics in {:.1}s (target {:.1}s), \
-             at most {} late",
+            "[publish] {rate}/s done: {} of {} messages over {} topics in {:.1}s (target \
+             {:.1}s), at most {} late",
+            thousands(sent),
             thousands(n),
             self.seq.len(),
             start.elapsed().as_secs_f64(),
             n as f64 / rate,
             ms(late.as_micros() as u64)
         );
-        Ok(late)
+        Ok((sent, late))
     }
 }
 
