@@ -18,6 +18,17 @@ pub struct TestHerald {
     pub shutdown: CancellationToken,
 }
 
+/// Sets a herald config to expect reports every `interval` and to judge workers by
+/// connection slots only (CPU, loop lag and latency left out), with no slow start.
+pub fn slots_only(c: &mut herald::Config, interval: Duration) {
+    c.report_interval = interval;
+    c.slow_start = Duration::ZERO;
+    c.smoothing = Duration::from_millis(100);
+    c.capacity_cpu = 0.0;
+    c.capacity_loop_lag = Duration::ZERO;
+    c.capacity_latency = Duration::ZERO;
+}
+
 impl TestHerald {
     /// Starts herald on loopback port 0 (HTTP and agent) after `tweak` adjusts its test
     /// configuration.
@@ -33,15 +44,7 @@ impl TestHerald {
     /// only (CPU, loop lag and latency left out), so a test's load is the only load it sees,
     /// whatever else the machine is doing; no slow start.
     pub async fn start_slots_only(interval: Duration) -> Result<TestHerald> {
-        TestHerald::start(|c| {
-            c.report_interval = interval;
-            c.slow_start = Duration::ZERO;
-            c.smoothing = Duration::from_millis(100);
-            c.capacity_cpu = 0.0;
-            c.capacity_loop_lag = Duration::ZERO;
-            c.capacity_latency = Duration::ZERO;
-        })
-        .await
+        TestHerald::start(|c| slots_only(c, interval)).await
     }
 
     /// `http://addr` for workers' `--herald`.

@@ -31,7 +31,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use harness::client::raw_upgrade;
-use harness::fleet::{KillableWorker, TestHerald, TestProxy};
+use harness::fleet::{slots_only, KillableWorker, TestHerald, TestProxy};
 use harness::{eventually, http_request, metric_value, Publisher, TestWorker, WsClient};
 use protocol::client::close;
 use protocol::Position;
@@ -347,16 +347,6 @@ async fn herald_down_and_restarted_under_churn_fails_no_connection_and_its_view_
          stale, {fallback} in fallback); its view was back {recovered_in:.1?} after the restart"
     );
     Ok(())
-}
-
-/// Herald judging by connection slots only, expecting reports every `interval`.
-fn slots_only(c: &mut herald::Config, interval: Duration) {
-    c.report_interval = interval;
-    c.slow_start = Duration::ZERO;
-    c.smoothing = Duration::from_millis(100);
-    c.capacity_cpu = 0.0;
-    c.capacity_loop_lag = Duration::ZERO;
-    c.capacity_latency = Duration::ZERO;
 }
 
 /// Connects through the proxy, pings, leaves; again and again until `stop` (at most 5,000

@@ -302,14 +302,44 @@ async def fanout(peer, compression, subscribers, messages):
         close_publisher()
 
 
+class PeerRun:
+    """One start-to-stop run of a peer in its own temp dir. On leaving, the peer is stopped
+    if the run did not stop it (a failed check), and the dir is removed unless kept."""
+
+    def __init__(self, label, prefix, stop_sh, keep):
+        self.label, self.stop_sh, self.keep = label, stop_sh, keep
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        self.stopped = False
+
+    def __enter__(self):
+        return self
+
+    def stop_and_check(self, pids):
+        """Stop the peer and assert that none of its processes is left."""
+        run_script([self.stop_sh, "--dir", self.dir], STOP_TIMEOUT)
+        self.stopped = True
+        left = wait_gone([p for _, p in pids], 10) + [p for p, _ in procs_mentioning(self.dir)]
+        if left:
+            raise AssertionError("processes left after stop: %r" % left)
+        print("  %s: stopped, no process left" % self.label, flush=True)
+
+    def __exit__(self, *exc):
+        if not self.stopped:
+            with contextlib.suppress(Exception):
+                run_script([self.stop_sh, "--dir", self.dir], STOP_TIMEOUT)
+        if self.keep:
+            print("  kept %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return False
+
+
 def check_fanout(peer, compression, subscribers, messages, keep):
     label = "%s deflate=%s client=%s" % (peer.name, peer.deflate, compression or "plain")
-    d = tempfile.mkdtemp(prefix="peer-%s-" % peer.name)
     start_sh = os.path.join(peer.script_dir, "start.sh")
     stop_sh = os.path.join(peer.script_dir, "stop.sh")
-    pids = []
-    stopped = False
-    try:
+    with PeerRun(label, "peer-%s-" % peer.name, stop_sh, keep) as run:
+        d = run.dir
         pids = parse_pids(run_script([start_sh] + peer.start_args(d), START_TIMEOUT))
         if not pids:
             raise AssertionError("start.sh printed no pids")
@@ -335,24 +365,8 @@ def check_fanout(peer, compression, subscribers, messages, keep):
         if peer.deflate == "off" and COUNTING and COMPRESSED["frames"]:
             raise AssertionError("%d compressed frames with deflate off" % COMPRESSED["frames"])
 
-        run_script([stop_sh, "--dir", d], STOP_TIMEOUT)
-        stopped = True
-        left = wait_gone([p for _, p in pids], 10)
-        if left:
-            raise AssertionError("processes left after stop: %r" % left)
-        left = procs_mentioning(d)
-        if left:
-            raise AssertionError("processes mentioning %s left: %r" % (d, left))
-        print("  %s: stopped, no process left" % label, flush=True)
+        run.stop_and_check(pids)
         return True
-    finally:
-        if not stopped:
-            with contextlib.suppress(Exception):
-                run_script([stop_sh, "--dir", d], STOP_TIMEOUT)
-        if keep:
-            print("  kept %s" % d)
-        else:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- HAProxy check
@@ -437,10 +451,9 @@ async def haproxy_relay(balance, d, connections):
 
 def check_haproxy(balance, connections, keep):
     label = "haproxy balance=%s" % balance
-    d = tempfile.mkdtemp(prefix="peer-haproxy-")
     stop_sh = os.path.join(HERE, "haproxy", "stop.sh")
-    stopped = False
-    try:
+    with PeerRun(label, "peer-haproxy-", stop_sh, keep) as run:
+        d = run.dir
         pids, replies, cur, tot, front = asyncio.run(haproxy_relay(balance, d, connections))
         print("  %s: started %s; relayed %d connections, echo replies by server %s; "
               "after closing 4 on A, stats show current %s, total %s, frontend total %d" % (
@@ -463,21 +476,8 @@ def check_haproxy(balance, connections, keep):
                 raise AssertionError("roundrobin: current %r, expected %r" % (cur, expected))
         if front != connections or sum(tot.values()) != connections:
             raise AssertionError("totals: frontend %d, servers %r, expected %d" % (front, tot, connections))
-        run_script([stop_sh, "--dir", d], STOP_TIMEOUT)
-        stopped = True
-        left = wait_gone([p for _, p in pids], 10) + [p for p, _ in procs_mentioning(d)]
-        if left:
-            raise AssertionError("processes left after stop: %r" % left)
-        print("  %s: stopped, no process left" % label, flush=True)
+        run.stop_and_check(pids)
         return True
-    finally:
-        if not stopped:
-            with contextlib.suppress(Exception):
-                run_script([stop_sh, "--dir", d], STOP_TIMEOUT)
-        if keep:
-            print("  kept %s" % d)
-        else:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- main

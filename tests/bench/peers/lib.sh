@@ -3,6 +3,25 @@
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# usage: print the running script's header comment (its usage) and exit 2.
+usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' \
+        "${BASH_SOURCE[${#BASH_SOURCE[@]} - 1]}" >&2
+    exit 2
+}
+
+# stop_dir ARGS...: the DIR of a stop script's only arguments "--dir DIR";
+# any other arguments print the usage and exit 2.
+stop_dir() {
+    [[ $# == 2 && "$1" == --dir && -n "$2" ]] || usage
+    echo "$2"
+}
+
+# unique WORD...: the non-empty words, each once, in order, one per line.
+unique() {
+    printf '%s\n' "$@" | awk 'NF && !seen[$0]++'
+}
+
 # render TEMPLATE OUT KEY=VALUE...: copy TEMPLATE to OUT replacing @KEY@ by VALUE.
 render() {
     local template="$1" out="$2"; shift 2

@@ -22,11 +22,6 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-    exit 2
-}
-
 DIR="" PORT="" BALANCE="" THREADS=1 MAXCONN="" STATS_PORT="" SHARED=0 SERVERS=()
 while (($#)); do
     case "$1" in

@@ -13,11 +13,6 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-    exit 2
-}
-
 DIR="" PORT="" WORKERS=1 DEFLATE=off CONNECTIONS="" NOFILE="" BUFFER=1000 SHM=256M
 MESSAGE_TIMEOUT=300s LOG_LEVEL=warn
 while (($#)); do

@@ -11,14 +11,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
-DIR=""
-while (($#)); do
-    case "$1" in
-        --dir) DIR="$2"; shift 2 ;;
-        *) echo "usage: stop.sh --dir DIR" >&2; exit 2 ;;
-    esac
-done
-[[ -n "$DIR" ]] || { echo "usage: stop.sh --dir DIR" >&2; exit 2; }
+DIR="$(stop_dir "$@")"
 
 MASTER=""
 [[ -s "$DIR/nginx.pid" ]] && MASTER="$(cat "$DIR/nginx.pid")"
@@ -31,7 +24,7 @@ while read -r p; do [[ -n "$p" ]] && PIDS+=("$p"); done < <(children "$MASTER")
 if [[ -s "$DIR/pids" ]]; then
     while read -r _ p; do [[ -n "$p" ]] && PIDS+=("$p"); done <"$DIR/pids"
 fi
-mapfile -t PIDS < <(printf '%s\n' "${PIDS[@]}" | awk '!seen[$0]++')
+mapfile -t PIDS < <(unique "${PIDS[@]}")
 
 # SIGTERM is nginx's fast shutdown; SIGQUIT (graceful) would wait for the
 # WebSocket subscribers to leave.

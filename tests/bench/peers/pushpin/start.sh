@@ -16,11 +16,6 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-    exit 2
-}
-
 DIR="" PORT="" PUBLISH_PORT=5561 DEFLATE=off MAXCONN="" BUFFER_SIZE=8192 LOG_LEVEL=1
 while (($#)); do
     case "$1" in

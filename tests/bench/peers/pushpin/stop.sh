@@ -12,14 +12,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
-DIR=""
-while (($#)); do
-    case "$1" in
-        --dir) DIR="$2"; shift 2 ;;
-        *) echo "usage: stop.sh --dir DIR" >&2; exit 2 ;;
-    esac
-done
-[[ -n "$DIR" ]] || { echo "usage: stop.sh --dir DIR" >&2; exit 2; }
+DIR="$(stop_dir "$@")"
 [[ -s "$DIR/pids" ]] || { echo "no pids file in $DIR" >&2; exit 0; }
 
 RUNNER="$(awk '$1=="runner"{print $2}' "$DIR/pids")"
@@ -29,7 +22,7 @@ while read -r role p; do
     [[ "$role" == runner || "$role" == backend || -z "$p" ]] || SERVICES+=("$p")
 done <"$DIR/pids"
 [[ -n "$RUNNER" ]] && while read -r p; do [[ -n "$p" ]] && SERVICES+=("$p"); done < <(children "$RUNNER")
-mapfile -t SERVICES < <(printf '%s\n' "${SERVICES[@]}" | awk 'NF && !seen[$0]++')
+mapfile -t SERVICES < <(unique "${SERVICES[@]}")
 
 rc=0
 if [[ -n "$RUNNER" ]]; then
