@@ -146,7 +146,7 @@ ops_live() {
   PUSHFLEET_BIN="$repo/target/release/pushfleet" timeout 600 "$repo/.venv/bin/pytest" tests/ops -q
 }
 
-fuzz() { timeout 900 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"; }
+fuzz() { timeout 1500 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-60}"; }
 
 step "install: Debian packages" install_debian
 step "install: Python test venv" install_python

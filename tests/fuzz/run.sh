@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for a bounded time (default 20 s each), first replaying the
+# Runs every fuzz target for a bounded time (default 60 s each), first replaying the
 # regression inputs (crashes found earlier, kept in regressions/<target>/).
 # Usage: tests/fuzz/run.sh [seconds-per-target]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-seconds=${1:-20}
+seconds=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cd "$here"
 # cargo-fuzz needs nightly-only sanitizer flags; RUSTC_BOOTSTRAP lets the stable toolchain
