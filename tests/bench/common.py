@@ -24,6 +24,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that a driver killed by `kill` or a CI time-out runs its
+    `finally` blocks and stops every process it started, as Ctrl-C does."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def log(msg: str) -> None:
     print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (CLIENT_CPU, SERVER_CPU, Proc, free_port, loadgen, log,  # noqa: E402
-                    process_cpu_seconds, rss_kib, start_fleet_worker, start_proxy)
+                    process_cpu_seconds, rss_kib, start_fleet_worker, start_proxy,
+                    stop_on_sigterm)
 
 
 def open_files(pid: int) -> int:
@@ -99,6 +100,7 @@ def main() -> int:
                     help="seconds the counts have to come back after the clients leave")
     ap.add_argument("--out", type=Path, help="write every sample as JSON here")
     args = ap.parse_args()
+    stop_on_sigterm()
     hold_s = args.minutes * 60
     ramp_s = max(5, args.clients // 1000)
     samples: list[dict] = []

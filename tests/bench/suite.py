@@ -39,7 +39,7 @@ import edge  # noqa: E402
 import fanout  # noqa: E402
 import headlines  # noqa: E402
 import memory  # noqa: E402
-from common import CLIENT_CPU, RELEASE, SERVER_CPU, log  # noqa: E402
+from common import CLIENT_CPU, RELEASE, SERVER_CPU, log, stop_on_sigterm  # noqa: E402
 
 # Report order: S1 .. S4.
 SCENARIOS = {"balance": balance, "fanout": fanout, "memory": memory,
@@ -58,6 +58,7 @@ def main() -> None:
     for module in dict.fromkeys(SCENARIOS.values()):
         module.add_args(ap)
     args = ap.parse_args()
+    stop_on_sigterm()
     chosen = [name for name in SCENARIOS if name in (args.scenario or SCENARIOS)]
     for binary in ["worker", "proxy", "pushfleet", "loadgen"]:
         if not (RELEASE / binary).exists():
