@@ -123,7 +123,12 @@ def main() -> int:
                                    "2s"],
                        work, cpu=CLIENT_CPU)
             procs.append(pub)
-            time.sleep(4)
+            deadline = time.monotonic() + 20
+            while metric(worker.admin, "worker_upstream_connected") < 1:
+                if time.monotonic() > deadline or not pub.alive():
+                    raise SystemExit("soak: the worker never connected to the publisher")
+                time.sleep(0.2)
+            time.sleep(1)  # the worker closes the admin connections of those polls
             before = snapshot(worker, proxy)
             started = before["t"]
             log("before the clients: " + line(before, started))

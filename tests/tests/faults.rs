@@ -260,7 +260,8 @@ async fn herald_down_and_restarted_under_churn_fails_no_connection_and_its_view_
     ensure!(stale > 0.0, "no placement while the table was stale");
     ensure!(
         fallback >= (HERALD_DOWN - FALLBACK_AFTER).as_secs_f64(),
-        "churn went on in fallback mode for the rest of the outage: {fallback} placements"
+        "churn stopped being placed in fallback mode during the outage: only {fallback} \
+         placements in {HERALD_DOWN:?}"
     );
 
     let second = TestHerald::start(|c| {
